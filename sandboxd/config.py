@@ -1,0 +1,224 @@
+"""Daemon configuration: one TOML file, overridden by environment, then by flags.
+
+Owns the key names of SPEC §6, their defaults, their types and the checks
+that stop the daemon at start with one clear line naming a bad key. It must
+not open sockets, talk to Docker or configure logging.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .units import parse_size
+
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A bad configuration: the message is one line naming the key."""
+
+
+@dataclass
+class Defaults:
+    image: str = "sandboxd/base"
+    memory: int = 512 * MIB
+    cpus: float = 1.0
+    pids: int = 256
+    ttl: float = 300.0
+    idle_timeout: float | None = None
+    workdir: str = "/workspace"
+    network: str = "none"
+    max_output: int = 1 * MIB
+    exec_timeout: float | None = None
+    # The sandbox's idle main process, run under Docker's init.
+    command: list[str] = field(default_factory=lambda: ["sleep", "infinity"])
+    nofile: int = 1024
+
+
+@dataclass
+class Policy:
+    images: list[str] | None = None  # fnmatch patterns; None allows any
+    max_memory: int | None = None
+    max_cpus: float | None = None
+    max_pids: int | None = None
+    max_ttl: float | None = None  # None: ttl 0 (no expiry) is allowed
+    max_output: int = 16 * MIB
+    networks: list[str] = field(default_factory=lambda: ["none"])
+    cap_add: list[str] = field(default_factory=list)
+    user: str | None = None  # when set, every sandbox runs as this user
+    readonly_rootfs: bool = False  # when true, every sandbox's rootfs is read-only
+    max_env: int = 256
+    max_labels: int = 64
+
+
+@dataclass
+class Quota:
+    max_sandboxes: int | None = None
+    max_memory: int | None = None
+
+
+@dataclass
+class EventsConfig:
+    retain: int = 10000
+
+
+@dataclass
+class PoolConfig:
+    image: str = "sandboxd/base"
+    memory: int = 512 * MIB
+    cpus: float = 1.0
+    pids: int = 256
+    size: int = 1
+
+
+def _default_socket() -> str:
+    if os.geteuid() == 0:
+        return "/run/sandboxd/sandboxd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxd-{os.getuid()}"
+    return str(Path(runtime) / "sandboxd.sock")
+
+
+def _default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/sandboxd"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(state) / "sandboxd")
+
+
+@dataclass
+class Config:
+    socket: str = field(default_factory=_default_socket)
+    socket_group: str | None = None
+    state_dir: str = field(default_factory=_default_state_dir)
+    engine_url: str | None = None
+    admin_group: str | None = None
+    max_frame: int = 16 * MIB
+    shutdown_grace: float = 10.0
+    cleanup_on_exit: bool = False
+    log_level: str = "info"
+    log_format: str = "auto"  # auto, json or console
+    defaults: Defaults = field(default_factory=Defaults)
+    policy: Policy = field(default_factory=Policy)
+    quota: Quota = field(default_factory=Quota)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    pool: list[PoolConfig] = field(default_factory=list)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "defaults": Defaults,
+    "policy": Policy,
+    "quota": Quota,
+    "events": EventsConfig,
+}
+_SIZE_KEYS = {"memory", "max_memory", "max_output", "max_frame"}
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _coerce(where: str, name: str, value: Any, annotation: str) -> Any:
+    """Check one value against its field's annotation, converting sizes."""
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    if name in _SIZE_KEYS:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}{name}: {exc}") from None
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif base == "int":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    elif base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+    elif base == "str":
+        if isinstance(value, str) and value:
+            return value
+    elif base.startswith("list[str]"):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    else:  # pragma: no cover - a field type this function does not know
+        raise ConfigError(f"{where}{name}: unsupported setting type {annotation}")
+    raise ConfigError(f"{where}{name}: expected {base}, got {value!r}")
+
+
+def _fill(obj: Any, table: Mapping[str, Any], where: str) -> None:
+    known = {f.name: f for f in fields(obj)}
+    for name, value in table.items():
+        f = known.get(name)
+        if f is None or name in _SECTIONS or name == "pool":
+            raise ConfigError(f"{where}{name}: unknown key")
+        setattr(obj, name, _coerce(where, name, value, str(f.type)))
+
+
+def _apply_table(config: Config, data: Mapping[str, Any], source: str) -> None:
+    for name, value in data.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table")
+            _fill(getattr(config, name), value, f"{source}: [{name}] ")
+        elif name == "pool":
+            if not isinstance(value, list) or not all(isinstance(p, dict) for p in value):
+                raise ConfigError(f"{source}: pool must be written as [[pool]] tables")
+            config.pool = []
+            for i, table in enumerate(value):
+                pool = PoolConfig()
+                _fill(pool, table, f"{source}: [[pool]] #{i + 1} ")
+                config.pool.append(pool)
+        else:
+            _fill(config, {name: value}, f"{source}: ")
+
+
+_ENV = {
+    "SANDBOXD_SOCKET": ("socket", None),
+    "SANDBOXD_SOCKET_GROUP": ("socket_group", None),
+    "SANDBOXD_STATE_DIR": ("state_dir", None),
+    "DOCKER_HOST": ("engine_url", None),
+    "SANDBOXD_ADMIN_GROUP": ("admin_group", None),
+    "SANDBOXD_DEFAULT_IMAGE": ("image", "defaults"),
+    "SANDBOXD_LOG_LEVEL": ("log_level", None),
+}
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Built-in defaults, then the TOML file, then the environment, then flags."""
+    env = os.environ if env is None else env
+    config = Config()
+    path = path or env.get("SANDBOXD_CONFIG") or None
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        _apply_table(config, data, path)
+    for var, (name, section) in _ENV.items():
+        if env.get(var):
+            target = getattr(config, section) if section else config
+            _fill(target, {name: env[var]}, f"${var} ")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            _fill(config, {name: value}, f"--{name.replace('_', '-')} ")
+    if config.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {sorted(_LOG_LEVELS)}")
+    if config.log_format not in {"auto", "json", "console"}:
+        raise ConfigError("log_format: expected auto, json or console")
+    if not config.defaults.command:
+        raise ConfigError("[defaults] command: must not be empty")
+    return config

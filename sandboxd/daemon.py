@@ -1,0 +1,121 @@
+"""The daemon's life: wire the parts together, serve, and stop in order.
+
+Owns start-up (listener bound or inherited from systemd, readiness
+notification, the watchdog and the scheduler) and the ordered, bounded
+shutdown: tell systemd STOPPING=1, stop accepting, let in-flight calls finish
+within the grace period, cancel the rest, close connections, leave the
+sandboxes running (or remove them when configured to). It must not
+implement any RPC method itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+import structlog
+
+from . import __version__, systemd
+from .config import Config
+from .dispatcher import Dispatcher
+from .engine import Engine
+from .methods import App, build_methods
+from .sandboxes import SandboxManager
+from .server import RpcServer, StartupError, bind_unix_socket
+
+log = structlog.get_logger("sandboxd.daemon")
+
+
+def admin_check(config: Config) -> tuple[int, set[int]]:
+    """(daemon uid, admin gids) for deciding who is an admin."""
+    gids: set[int] = set()
+    if config.admin_group:
+        try:
+            gids.add(grp.getgrnam(config.admin_group).gr_gid)
+        except KeyError:
+            raise StartupError(f"admin_group: no group named {config.admin_group!r}") from None
+    return os.getuid(), gids
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def make_is_admin(config: Config) -> Callable[[int, int, int], bool]:
+    own_uid, admin_gids = admin_check(config)
+
+    def is_admin(uid: int, gid: int, pid: int) -> bool:
+        if uid in (0, own_uid):
+            return True
+        if not admin_gids:
+            return False
+        return gid in admin_gids or bool(admin_gids & _supplementary_groups(pid))
+
+    return is_admin
+
+
+def _listener(config: Config) -> tuple[socket.socket, bool]:
+    inherited = [s for s in systemd.listen_fds() if s.family == socket.AF_UNIX]
+    if inherited:
+        return inherited[0], True
+    return bind_unix_socket(config.socket, config.socket_group), False
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; the exit status."""
+    loop = asyncio.get_running_loop()
+    notifier = systemd.Notifier.from_env()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    engine = Engine(config.engine_url)
+    manager = SandboxManager(engine, config)
+    app = App(config=config, engine=engine, manager=manager)
+    dispatcher = Dispatcher(build_methods(app))
+    server = RpcServer(dispatcher, max_frame=config.max_frame, is_admin=make_is_admin(config))
+    sock, activated = _listener(config)
+    path = sock.getsockname() or config.socket
+    await server.start(sock)
+    manager.scheduler.start()
+    watchdog = loop.create_task(notifier.run_watchdog())
+    log.info(
+        "daemon_started",
+        version=__version__,
+        socket=path,
+        socket_activated=activated,
+        pid=os.getpid(),
+    )
+    notifier.ready(f"serving on {path}")
+
+    await stop.wait()
+
+    notifier.stopping(f"stopping: finishing {server.in_flight()} calls")
+    log.info("daemon_stopping", in_flight=server.in_flight())
+    server.stop_accepting()
+    cancelled = await server.drain(config.shutdown_grace)
+    server.close_connections()
+    if config.cleanup_on_exit:
+        await manager.remove_all()
+    await manager.scheduler.stop()
+    watchdog.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watchdog
+    await engine.close()
+    if not activated:
+        with contextlib.suppress(OSError):
+            os.unlink(config.socket)
+    log.info("daemon_stopped", cancelled_calls=cancelled)
+    return 0

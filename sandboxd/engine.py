@@ -1,0 +1,266 @@
+"""The Docker Engine adapter: the only module that imports aiodocker.
+
+Owns every call to the engine and the translation of its failures into
+sandboxd errors (``translate``): a refused call becomes ``EngineError`` with
+the engine's text, an unreachable engine becomes ``EngineUnavailable``, a
+missing object ``NotFound``, a state clash ``Conflict``. It returns plain
+dicts and raw exec byte streams; it must not know about sandboxes, owners,
+policy or the wire protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.stream import Stream
+from yarl import URL
+
+from .errors import Conflict, EngineError, EngineUnavailable, NotFound, SandboxdError
+
+_UNREACHABLE_STATUS = 900  # aiodocker's code for a connection failure
+
+
+@contextmanager
+def translate(what: str) -> Iterator[None]:
+    """Map aiodocker/aiohttp failures during ``what`` to sandboxd errors."""
+    try:
+        yield
+    except SandboxdError:
+        raise
+    except aiodocker.DockerError as exc:
+        message = str(exc.message or "").strip()
+        if exc.status == _UNREACHABLE_STATUS:
+            raise EngineUnavailable(
+                f"The Docker Engine cannot be reached while trying to {what}; "
+                "check that dockerd is running.",
+                {"engine_message": message},
+            ) from None
+        data = {"engine_message": message, "engine_status": exc.status}
+        if exc.status == 404:
+            raise NotFound(f"The Docker Engine has no such object ({message}).", data) from None
+        if exc.status == 409:
+            raise Conflict(f"The Docker Engine refused to {what}: {message}.", data) from None
+        raise EngineError(f"The Docker Engine refused to {what}: {message}.", data) from None
+    except (aiohttp.ClientConnectionError, ConnectionError, FileNotFoundError) as exc:
+        raise EngineUnavailable(
+            f"The Docker Engine cannot be reached while trying to {what}; "
+            "check that dockerd is running.",
+            {"engine_message": str(exc)},
+        ) from None
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise EngineUnavailable(
+            f"The Docker Engine did not answer in time while trying to {what}.",
+            {"engine_message": str(exc)},
+        ) from None
+
+
+class ExecStream:
+    """The raw bytes of a started exec (still multiplexed unless it has a TTY).
+
+    Reading applies back-pressure: while nobody reads, the engine's socket is
+    not read either, so a process that writes faster than we consume blocks.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    async def read(self) -> bytes | None:
+        """The next chunk, or None at the end of the output."""
+        with translate("read exec output"):
+            msg = await self._stream.read_out()
+        return None if msg is None else msg.data
+
+    async def write(self, data: bytes) -> None:
+        with translate("write exec input"):
+            await self._stream.write_in(data)
+
+    def close_stdin(self) -> None:
+        """Half-close: the process sees end-of-file on its stdin."""
+        resp = self._stream._resp
+        if resp is not None and resp.connection is not None:
+            transport = resp.connection.transport
+            if transport is not None and transport.can_write_eof():
+                transport.write_eof()
+
+    async def close(self) -> None:
+        try:
+            await self._stream.close()
+        except Exception:  # the engine already dropped the connection
+            pass
+
+
+class Engine:
+    """A connection to one Docker Engine."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url
+        self._docker: aiodocker.Docker | None = None
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            self._docker = aiodocker.Docker(url=self.url)
+        return self._docker
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    async def version(self) -> dict[str, Any]:
+        with translate("report its version"):
+            result: dict[str, Any] = await self.docker.version()
+            return result
+
+    # containers -------------------------------------------------------
+    async def create_container(self, name: str, config: dict[str, Any]) -> str:
+        with translate("create a container"):
+            result = await self.docker._query_json(
+                "containers/create",
+                method="POST",
+                params={"name": name},
+                data=json.dumps(config),
+            )
+            return str(result["Id"])
+
+    async def start(self, cid: str) -> None:
+        with translate("start the container"):
+            async with self.docker._query(f"containers/{cid}/start", method="POST"):
+                pass
+
+    async def pause(self, cid: str) -> None:
+        with translate("pause the container"):
+            async with self.docker._query(f"containers/{cid}/pause", method="POST"):
+                pass
+
+    async def unpause(self, cid: str) -> None:
+        with translate("resume the container"):
+            async with self.docker._query(f"containers/{cid}/unpause", method="POST"):
+                pass
+
+    async def kill(self, cid: str, signal: str = "SIGKILL") -> None:
+        with translate("kill the container"):
+            async with self.docker._query(
+                f"containers/{cid}/kill", method="POST", params={"signal": signal}
+            ):
+                pass
+
+    async def remove(self, cid: str) -> bool:
+        """Force-remove (SIGKILL, no stop grace). False when it was already gone."""
+        try:
+            with translate("remove the container"):
+                async with self.docker._query(
+                    f"containers/{cid}", method="DELETE", params={"force": "true", "v": "true"}
+                ):
+                    pass
+        except NotFound:
+            return False
+        return True
+
+    async def inspect(self, cid: str) -> dict[str, Any]:
+        with translate("inspect the container"):
+            result: dict[str, Any] = await self.docker._query_json(f"containers/{cid}/json")
+            return result
+
+    async def list_labelled(self, label: str) -> list[dict[str, Any]]:
+        with translate("list containers"):
+            result: list[dict[str, Any]] = await self.docker._query_json(
+                "containers/json",
+                params={"all": "true", "filters": json.dumps({"label": [label]})},
+            )
+            return result
+
+    async def stats_once(self, cid: str) -> dict[str, Any]:
+        """One stats sample without Docker's 1-2 s CPU sampling wait."""
+        with translate("read container stats"):
+            result: dict[str, Any] = await self.docker._query_json(
+                f"containers/{cid}/stats", params={"stream": "false", "one-shot": "true"}
+            )
+            return result
+
+    # execs --------------------------------------------------------------
+    async def exec_create(
+        self,
+        cid: str,
+        cmd: list[str],
+        *,
+        env: list[str],
+        workdir: str | None,
+        user: str | None,
+        stdin: bool,
+        tty: bool,
+    ) -> str:
+        body: dict[str, Any] = {
+            "AttachStdin": stdin,
+            "AttachStdout": True,
+            "AttachStderr": True,
+            "Tty": tty,
+            "Cmd": cmd,
+            "Env": env,
+            "Privileged": False,
+        }
+        if workdir:
+            body["WorkingDir"] = workdir
+        if user:
+            body["User"] = user
+        with translate("create an exec"):
+            result = await self.docker._query_json(
+                f"containers/{cid}/exec", method="POST", data=json.dumps(body)
+            )
+            return str(result["Id"])
+
+    async def exec_start(self, exec_id: str, *, tty: bool) -> ExecStream:
+        """Start an exec and return its raw output stream (our own demuxer reads it)."""
+        body = json.dumps({"Detach": False, "Tty": tty}).encode()
+
+        async def setup() -> tuple[URL, bytes, bool]:
+            # Third item True: aiodocker hands us the raw bytes, undemultiplexed.
+            return URL(f"exec/{exec_id}/start"), body, True
+
+        stream = Stream(self.docker, setup, None)
+        with translate("start an exec"):
+            await stream.__aenter__()
+        return ExecStream(stream)
+
+    async def exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        with translate("inspect an exec"):
+            result: dict[str, Any] = await self.docker._query_json(f"exec/{exec_id}/json")
+            return result
+
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        with translate("resize an exec's terminal"):
+            async with self.docker._query(
+                f"exec/{exec_id}/resize", method="POST", params={"h": rows, "w": cols}
+            ):
+                pass
+
+    # images -------------------------------------------------------------
+    async def image_inspect(self, ref: str) -> dict[str, Any]:
+        with translate("inspect the image"):
+            result: dict[str, Any] = await self.docker._query_json(f"images/{ref}/json")
+            return result
+
+    async def image_list(self) -> list[dict[str, Any]]:
+        with translate("list images"):
+            result: list[dict[str, Any]] = await self.docker._query_json("images/json")
+            return result
+
+    async def image_pull(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+        with translate("pull the image"):
+            async for item in self.docker.images.pull(ref, stream=True):
+                yield dict(item)
+
+    async def commit(self, cid: str, repo: str, tag: str, labels: dict[str, str]) -> str:
+        with translate("snapshot the container"):
+            result = await self.docker._query_json(
+                "commit",
+                method="POST",
+                params={"container": cid, "repo": repo, "tag": tag, "pause": "true"},
+                data=json.dumps({"Labels": labels}),
+            )
+            return str(result["Id"])

@@ -1,0 +1,87 @@
+"""The daemon's record of one sandbox and its wire form (SPEC §3 Sandbox).
+
+Owns the fields the daemon keeps per sandbox, the container labels that
+carry them (SPEC §5) and ``to_wire``. Pure data: no engine calls, no policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .units import format_time
+
+LABEL_ID = "io.sandboxd.id"
+LABEL_NAME = "io.sandboxd.name"
+LABEL_OWNER = "io.sandboxd.owner"
+LABEL_CREATED_AT = "io.sandboxd.created_at"
+LABEL_USER_PREFIX = "io.sandboxd.label."
+CONTAINER_PREFIX = "sandboxd-"
+
+
+def container_name(sandbox_id: str) -> str:
+    return f"{CONTAINER_PREFIX}{sandbox_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is on the other end of a connection (from SO_PEERCRED)."""
+
+    uid: int
+    gid: int
+    pid: int
+    admin: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "admin": self.admin}
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    name: str
+    image: str
+    owner_uid: int
+    owner_gid: int
+    created_at: float
+    memory: int
+    cpus: float
+    pids: int
+    network: str
+    workdir: str
+    labels: dict[str, str] = field(default_factory=dict)
+    status: str = "creating"
+    expires_at: float | None = None
+    idle_timeout: float | None = None
+    last_activity_at: float = 0.0
+    container_id: str | None = None
+    running_execs: int = 0
+
+    def container_labels(self) -> dict[str, str]:
+        labels = {
+            LABEL_ID: self.id,
+            LABEL_NAME: self.name,
+            LABEL_OWNER: f"{self.owner_uid}:{self.owner_gid}",
+            LABEL_CREATED_AT: format_time(self.created_at),
+        }
+        for key, value in self.labels.items():
+            labels[LABEL_USER_PREFIX + key] = value
+        return labels
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "image": self.image,
+            "owner": {"uid": self.owner_uid, "gid": self.owner_gid},
+            "created_at": format_time(self.created_at),
+            "expires_at": None if self.expires_at is None else format_time(self.expires_at),
+            "idle_timeout": self.idle_timeout,
+            "last_activity_at": format_time(self.last_activity_at),
+            "labels": dict(self.labels),
+            "limits": {"memory_bytes": self.memory, "cpus": self.cpus, "pids": self.pids},
+            "network": self.network,
+            "workdir": self.workdir,
+            "container_id": self.container_id,
+        }

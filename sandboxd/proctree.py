@@ -1,0 +1,95 @@
+"""Killing an exec together with everything it started, from the host's /proc.
+
+The Docker Engine cannot kill an exec, so the daemon does: it finds the
+exec's process (the host pid from the exec's inspect), every descendant of
+it, and every process in the same container whose environment carries the
+exec's marker variable (which catches children that were re-parented to the
+container's init or that started a new session). Each round stops (SIGSTOP)
+what it finds so nothing can fork away, until a round finds nothing new;
+then all get SIGKILL. Blocking file reads: call it in a thread. It must not
+touch processes outside the exec's container pid namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+PROC = Path("/proc")
+MARKER_VAR = "SANDBOXD_EXEC"
+
+
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(PROC / str(pid) / "ns" / "pid")
+    except OSError:
+        return None
+
+
+def _parent_map(namespace: str) -> dict[int, int]:
+    """pid -> ppid for every process in ``namespace``."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if _pid_namespace(pid) != namespace:
+            continue
+        try:
+            stat = (PROC / entry.name / "stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        parents[pid] = int(fields[1])
+    return parents
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        return marker in (PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return False
+
+
+def _find(root: int, parents: dict[int, int], marker: bytes) -> set[int]:
+    found = {root} if root in parents else set()
+    found |= {pid for pid in parents if _has_marker(pid, marker)}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                changed = True
+    return found
+
+
+def kill_exec_tree(exec_pid: int, container_pid: int, exec_marker: str) -> int:
+    """SIGKILL the exec and all it started; return how many processes were killed.
+
+    ``container_pid`` is the host pid of the container's PID 1, used to name
+    the pid namespace (the exec's own process may already be gone).
+    """
+    namespace = _pid_namespace(container_pid)
+    if namespace is None or namespace == _pid_namespace(os.getpid()):
+        return 0  # not a container we can see: never touch host processes
+    marker = f"{MARKER_VAR}={exec_marker}\0".encode()
+    stopped: set[int] = set()
+    for _ in range(50):
+        targets = _find(exec_pid, _parent_map(namespace), marker) - stopped
+        targets.discard(container_pid)
+        if not targets:
+            break
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        stopped |= targets
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(stopped)

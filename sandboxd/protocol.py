@@ -1,0 +1,263 @@
+"""The msgpack-RPC codec: bytes in, messages out, and messages to bytes.
+
+This module owns the wire format of SPEC §2: incremental decoding of a stream
+of concatenated msgpack objects split anywhere across reads, the frame size
+limit, the three message shapes, and their encoding. It performs no I/O and
+knows nothing of asyncio, sockets, sandboxes or Docker: the daemon's server
+and the client both sit on it, and it is tested with bytes alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import InvalidRequest, SandboxdError, TooLarge
+
+REQUEST = 0
+RESPONSE = 1
+NOTIFICATION = 2
+
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+MAX_MSGID = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    msgid: int
+    method: str
+    params: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    msgid: int
+    error: Any
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    method: str
+    params: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BadMessage:
+    """Something the peer sent that is not a valid message.
+
+    ``msgid`` is set when one could be read, so the peer can be answered with
+    an error response. ``fatal`` means the byte stream cannot be trusted any
+    further: the connection must be closed after reporting.
+    """
+
+    error: SandboxdError
+    msgid: int | None
+    fatal: bool
+
+
+Message = Request | Response | Notification
+Event = Request | Response | Notification | BadMessage
+
+
+def _text(value: Any) -> str | None:
+    """A method name as str, accepting msgpack bin too (SPEC: be liberal)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _msgid(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_MSGID:
+        return value
+    return None
+
+
+def parse_message(obj: Any) -> Message | BadMessage:
+    """Classify one decoded msgpack object as a message, or explain why it is not."""
+    if not isinstance(obj, list) or not obj:
+        return BadMessage(
+            InvalidRequest(
+                "A message must be a msgpack array: [0, msgid, method, params], "
+                "[1, msgid, error, result] or [2, method, params]."
+            ),
+            None,
+            fatal=True,
+        )
+    kind = obj[0]
+    if kind == REQUEST and not isinstance(kind, bool):
+        msgid = _msgid(obj[1]) if len(obj) > 1 else None
+        if len(obj) != 4 or msgid is None:
+            return BadMessage(
+                InvalidRequest(
+                    "A request must be [0, msgid, method, params] with msgid "
+                    "an unsigned 32-bit integer."
+                ),
+                msgid,
+                fatal=msgid is None,
+            )
+        method = _text(obj[2])
+        if method is None:
+            return BadMessage(InvalidRequest("The method name must be a string."), msgid, False)
+        if not isinstance(obj[3], list):
+            return BadMessage(
+                InvalidRequest("Request params must be an array: [] or [{name: value, ...}]."),
+                msgid,
+                False,
+            )
+        return Request(msgid, method, obj[3])
+    if kind == RESPONSE and not isinstance(kind, bool):
+        msgid = _msgid(obj[1]) if len(obj) > 1 else None
+        if len(obj) != 4 or msgid is None:
+            return BadMessage(
+                InvalidRequest("A response must be [1, msgid, error, result]."), None, True
+            )
+        return Response(msgid, obj[2], obj[3])
+    if kind == NOTIFICATION and not isinstance(kind, bool):
+        method = _text(obj[1]) if len(obj) > 1 else None
+        if len(obj) != 3 or method is None or not isinstance(obj[2], list):
+            return BadMessage(
+                InvalidRequest("A notification must be [2, method, params]."), None, True
+            )
+        return Notification(method, obj[2])
+    return BadMessage(
+        InvalidRequest("The first element of a message must be 0, 1 or 2."), None, True
+    )
+
+
+def _peek_msgid(prefix: bytes) -> int | None:
+    """Read the msgid at the head of a (possibly incomplete) request frame."""
+    peek = msgpack.Unpacker(max_buffer_size=len(prefix) + 1)
+    try:
+        peek.feed(prefix)
+        if peek.read_array_header() != 4 or peek.unpack() != REQUEST:
+            return None
+        return _msgid(peek.unpack())
+    except Exception:
+        return None
+
+
+class Decoder:
+    """Incremental decoder: ``feed(bytes)`` returns the complete messages so far.
+
+    A frame (one top-level msgpack object) larger than ``max_frame`` bytes is
+    reported as ``too_large`` without buffering more than ``max_frame`` bytes.
+    After a fatal ``BadMessage`` the decoder returns nothing more.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            max_buffer_size=max_frame,
+            strict_map_key=True,
+        )
+        self._fed = 0  # bytes fed into the unpacker so far
+        self._done = 0  # stream offset where the last complete frame ended
+        self._head = b""  # first bytes of the incomplete frame, to read a msgid on overflow
+        self._head_at = -1  # stream offset where that frame starts
+        self.broken = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held so far."""
+        return self._fed - self._done
+
+    def feed(self, data: bytes) -> list[Event]:
+        out: list[Event] = []
+        if self.broken:
+            return out
+        view = memoryview(data)
+        while view:
+            room = self.max_frame - self.buffered
+            if room <= 0:
+                out.append(self._overflow())
+                return out
+            chunk = view[:room]
+            view = view[room:]
+            chunk_at = self._fed
+            self._unpacker.feed(chunk)
+            self._fed += len(chunk)
+            if not self._drain(out):
+                return out
+            if self.buffered:
+                self._remember_head(chunk, chunk_at)
+        return out
+
+    def _remember_head(self, chunk: memoryview, chunk_at: int) -> None:
+        start = self._done
+        if start != self._head_at:
+            self._head_at = start
+            self._head = bytes(chunk[start - chunk_at :][:32])
+        elif len(self._head) < 32:
+            self._head += bytes(chunk[: 32 - len(self._head)])
+
+    def _drain(self, out: list[Event]) -> bool:
+        while True:
+            try:
+                obj = self._unpacker.unpack()
+            except msgpack.OutOfData:
+                return True
+            except Exception as exc:  # FormatError, StackError, bad UTF-8, bad map key ...
+                self.broken = True
+                out.append(self._undecodable(exc))
+                return False
+            self._done = self._unpacker.tell()
+            msg = parse_message(obj)
+            out.append(msg)
+            if isinstance(msg, BadMessage) and msg.fatal:
+                self.broken = True
+                return False
+
+    def _undecodable(self, exc: Exception) -> BadMessage:
+        if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
+            return self._overflow()
+        return BadMessage(
+            InvalidRequest(
+                f"The bytes received are not valid msgpack ({type(exc).__name__}: {exc})."
+            ),
+            None,
+            True,
+        )
+
+    def _overflow(self) -> BadMessage:
+        self.broken = True
+        return BadMessage(
+            TooLarge(
+                f"A message is larger than the limit of {self.max_frame} bytes; "
+                "send smaller payloads (for example, write a file in pieces).",
+                {"limit": self.max_frame},
+            ),
+            _peek_msgid(self._head),
+            fatal=True,
+        )
+
+
+def _pack(obj: Any) -> bytes:
+    # packb makes a fresh Packer per call: safe from any thread (the blocking client).
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def encode(obj: Any) -> bytes:
+    """Encode any wire value (str as str, bytes as bin)."""
+    return _pack(obj)
+
+
+def encode_request(msgid: int, method: str, params: list[Any]) -> bytes:
+    return _pack([REQUEST, msgid, method, params])
+
+
+def encode_response(msgid: int, error: Any, result: Any) -> bytes:
+    return _pack([RESPONSE, msgid, error, result])
+
+
+def encode_notification(method: str, params: list[Any]) -> bytes:
+    return _pack([NOTIFICATION, method, params])

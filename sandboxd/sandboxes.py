@@ -1,0 +1,385 @@
+"""The sandbox manager: every sandbox's record, lifecycle and ownership.
+
+Owns the set of sandboxes, their names, the owner check (a sandbox of
+another user is ``not_found``), quotas, the per-sandbox lock that orders
+lifecycle calls, the ttl/idle deadlines (through the one scheduler), and the
+glue from a validated call to the engine. It must not parse wire messages
+or import aiodocker (the engine adapter does that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from . import cgroupstats, lifecycle
+from .config import Config
+from .containerspec import container_config
+from .engine import Engine
+from .errors import (
+    Conflict,
+    InternalError,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    SandboxdError,
+)
+from .execs import BufferedExec, ExecRequest
+from .models import Caller, SandboxRecord, container_name
+from .policy import CreateSpec, check_env
+from .scheduler import DeadlineScheduler
+from .stats import summarize
+from .units import parse_time
+
+log = structlog.get_logger("sandboxd.sandboxes")
+
+STATS_WINDOW = 0.05  # seconds between two samples when no previous one is fresh
+STATS_FRESH = 30.0
+
+
+@dataclass
+class _StatsState:
+    reader: cgroupstats.CgroupReader | None
+    started_ns: int | None
+    previous: cgroupstats.Sample | None = None
+    engine_previous: tuple[float, dict[str, Any]] | None = None
+
+
+Publisher = Callable[[str, SandboxRecord | None, dict[str, Any]], None]
+
+
+def _no_publish(kind: str, record: SandboxRecord | None, data: dict[str, Any]) -> None:
+    return None
+
+
+class SandboxManager:
+    def __init__(self, engine: Engine, config: Config, publish: Publisher = _no_publish) -> None:
+        self.engine = engine
+        self.config = config
+        self.publish = publish
+        self._by_id: dict[str, SandboxRecord] = {}
+        self._by_name: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._stats: dict[str, _StatsState] = {}
+        self.scheduler = DeadlineScheduler(self._on_deadline)
+
+    # lookup -------------------------------------------------------------
+    def count(self) -> int:
+        return len(self._by_id)
+
+    def visible(self, caller: Caller, record: SandboxRecord) -> bool:
+        return caller.admin or record.owner_uid == caller.uid
+
+    def lookup(self, caller: Caller, ref: str) -> SandboxRecord:
+        record = self._by_id.get(ref)
+        if record is None:
+            sid = self._by_name.get(ref)
+            record = self._by_id.get(sid) if sid else None
+        if record is None or not self.visible(caller, record):
+            raise NotFound(f"No sandbox with id or name {ref!r}.", {"id": ref})
+        return record
+
+    def list(
+        self, caller: Caller, status: str | None, labels: dict[str, str] | None
+    ) -> list[SandboxRecord]:
+        out = []
+        for record in self._by_id.values():
+            if not self.visible(caller, record):
+                continue
+            if status is not None and record.status != status:
+                continue
+            if labels and any(record.labels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(record)
+        out.sort(key=lambda r: r.created_at)
+        return out
+
+    def _lock(self, sid: str) -> asyncio.Lock:
+        lock = self._locks.get(sid)
+        if lock is None:
+            lock = self._locks[sid] = asyncio.Lock()
+        return lock
+
+    # deadlines ----------------------------------------------------------
+    def _next_deadline(self, record: SandboxRecord) -> float | None:
+        candidates = []
+        if record.expires_at is not None:
+            candidates.append(record.expires_at)
+        if record.idle_timeout is not None:
+            candidates.append(record.last_activity_at + record.idle_timeout)
+        return min(candidates) if candidates else None
+
+    def _rearm(self, record: SandboxRecord) -> None:
+        self.scheduler.set(record.id, self._next_deadline(record))
+
+    def touch(self, record: SandboxRecord) -> None:
+        """Record activity (SPEC §3: exec, files, extend, resume)."""
+        record.last_activity_at = time.time()
+        if record.idle_timeout is not None:
+            self._rearm(record)
+
+    async def _on_deadline(self, sid: str) -> None:
+        record = self._by_id.get(sid)
+        if record is None:
+            return
+        now = time.time()
+        reason = None
+        if record.expires_at is not None and record.expires_at <= now + 0.001:
+            reason = "ttl"
+        elif record.idle_timeout is not None:
+            if record.running_execs > 0:
+                self.touch(record)  # a running exec is activity
+                return
+            if record.last_activity_at + record.idle_timeout <= now + 0.001:
+                reason = "idle"
+        if reason is None:
+            self._rearm(record)
+            return
+        log.info("sandbox_expired", sandbox_id=sid, reason=reason)
+        self.publish("sandbox.expired", record, {"reason": reason})
+        try:
+            await self._remove(record, cause="expired")
+        except SandboxdError as exc:
+            log.warning("expire_remove_failed", sandbox_id=sid, error=exc.message)
+            self.scheduler.set(sid, time.time() + 5.0)  # try again shortly
+
+    # lifecycle ----------------------------------------------------------
+    def _check_quota(self, caller: Caller, spec: CreateSpec) -> None:
+        quota = self.config.quota
+        mine = [r for r in self._by_id.values() if r.owner_uid == caller.uid]
+        if quota.max_sandboxes is not None and len(mine) >= quota.max_sandboxes:
+            raise QuotaExceeded(
+                f"You already have {len(mine)} sandboxes, the most allowed per user; "
+                "remove one first.",
+                {"limit": quota.max_sandboxes, "used": len(mine)},
+            )
+        if quota.max_memory is not None:
+            used = sum(r.memory for r in mine)
+            if used + spec.memory > quota.max_memory:
+                raise QuotaExceeded(
+                    f"This sandbox's memory would bring your total to {used + spec.memory} bytes, "
+                    f"over your limit of {quota.max_memory}.",
+                    {"limit": quota.max_memory, "used": used},
+                )
+
+    def _new_id(self) -> str:
+        while True:
+            sid = secrets.token_hex(6)
+            if sid not in self._by_id and sid not in self._by_name:
+                return sid
+
+    async def create(self, caller: Caller, spec: CreateSpec) -> SandboxRecord:
+        self._check_quota(caller, spec)
+        sid = self._new_id()
+        name = spec.name or f"sb-{sid}"
+        if name in self._by_name:
+            raise Conflict(
+                f"The name {name!r} is already taken by another sandbox.", {"name": name}
+            )
+        now = time.time()
+        record = SandboxRecord(
+            id=sid,
+            name=name,
+            image=spec.image,
+            owner_uid=caller.uid,
+            owner_gid=caller.gid,
+            created_at=now,
+            memory=spec.memory,
+            cpus=spec.cpus,
+            pids=spec.pids,
+            network=spec.network,
+            workdir=spec.workdir,
+            labels=dict(spec.labels),
+            expires_at=(now + spec.ttl) if spec.ttl else None,
+            idle_timeout=spec.idle_timeout,
+            last_activity_at=now,
+        )
+        # Reserve the id and name before the first await: concurrent creates see them.
+        self._by_id[sid] = record
+        self._by_name[name] = sid
+        async with self._lock(sid):
+            try:
+                record.container_id = await self.engine.create_container(
+                    container_name(sid), container_config(record, spec, self.config)
+                )
+                await self.engine.start(record.container_id)
+            except BaseException as exc:
+                await self._discard_failed(record)
+                if isinstance(exc, NotFound):
+                    raise NotFound(
+                        f"Image {spec.image!r} is not on this host; build or pull it first "
+                        "(image.ensure).",
+                        {"image": spec.image, **(exc.data or {})},
+                    ) from None
+                raise
+            record.status = lifecycle.RUNNING
+            record.last_activity_at = time.time()
+            self._rearm(record)
+        log.info("sandbox_created", sandbox_id=sid, name=name, image=spec.image, owner=caller.uid)
+        self.publish("sandbox.created", record, {"image": spec.image})
+        return record
+
+    async def _discard_failed(self, record: SandboxRecord) -> None:
+        self._forget(record)
+        try:
+            # Removing by name also covers a container whose create reply was lost.
+            await asyncio.shield(
+                self.engine.remove(record.container_id or container_name(record.id))
+            )
+        except SandboxdError as exc:
+            log.warning("create_cleanup_failed", sandbox_id=record.id, error=exc.message)
+
+    def _forget(self, record: SandboxRecord) -> None:
+        self._by_id.pop(record.id, None)
+        if self._by_name.get(record.name) == record.id:
+            del self._by_name[record.name]
+        self._locks.pop(record.id, None)
+        self._stats.pop(record.id, None)
+        self.scheduler.set(record.id, None)
+
+    async def pause(self, caller: Caller, ref: str) -> SandboxRecord:
+        record = self.lookup(caller, ref)
+        async with self._lock(record.id):
+            lifecycle.check("pause", record.status, record.name)
+            await self.engine.pause(self._cid(record))
+            record.status = lifecycle.PAUSED
+        self.publish("sandbox.paused", record, {})
+        return record
+
+    async def resume(self, caller: Caller, ref: str) -> SandboxRecord:
+        record = self.lookup(caller, ref)
+        async with self._lock(record.id):
+            lifecycle.check("resume", record.status, record.name)
+            await self.engine.unpause(self._cid(record))
+            record.status = lifecycle.RUNNING
+            self.touch(record)
+        self.publish("sandbox.resumed", record, {})
+        return record
+
+    def extend(self, caller: Caller, ref: str, ttl: float) -> SandboxRecord:
+        record = self.lookup(caller, ref)
+        lifecycle.check("extend", record.status, record.name)
+        max_ttl = self.config.policy.max_ttl
+        if max_ttl is not None and (ttl == 0 or ttl > max_ttl):
+            raise PermissionDenied(
+                f"ttl {ttl:g} is over the policy's maximum of {max_ttl:g} seconds.",
+                {"policy": "max_ttl"},
+            )
+        record.expires_at = time.time() + ttl if ttl else None
+        self.touch(record)
+        self._rearm(record)
+        self.publish("sandbox.extended", record, {"ttl": ttl})
+        return record
+
+    async def remove(self, caller: Caller, ref: str) -> None:
+        record = self.lookup(caller, ref)
+        await self._remove(record, cause="requested")
+
+    async def _remove(self, record: SandboxRecord, cause: str) -> None:
+        async with self._lock(record.id):
+            if self._by_id.get(record.id) is not record:
+                return  # removed meanwhile
+            await self.engine.remove(self._cid(record))
+            self._forget(record)
+        log.info("sandbox_removed", sandbox_id=record.id, cause=cause)
+        self.publish("sandbox.removed", record, {"cause": cause})
+
+    async def remove_all(self) -> None:
+        for record in list(self._by_id.values()):
+            try:
+                await self._remove(record, cause="daemon_exit")
+            except SandboxdError as exc:
+                log.warning("cleanup_remove_failed", sandbox_id=record.id, error=exc.message)
+
+    def _cid(self, record: SandboxRecord) -> str:
+        if record.container_id is None:
+            raise InternalError("sandbox has no container id")
+        return record.container_id
+
+    # stats and exec -----------------------------------------------------
+    async def stats(self, caller: Caller, ref: str) -> dict[str, Any]:
+        record = self.lookup(caller, ref)
+        lifecycle.check("stats", record.status, record.name)
+        cid = self._cid(record)
+        state = self._stats.get(record.id)
+        if state is None:
+            state = self._stats[record.id] = await self._stats_source(cid)
+        if state.reader is not None:
+            try:
+                sample = state.reader.sample()
+            except OSError:
+                state.reader = None  # the container's process changed: use the engine
+            else:
+                previous, state.previous = state.previous, sample
+                return cgroupstats.summarize(sample, previous, state.started_ns)
+        return await self._engine_stats(cid, state)
+
+    async def _stats_source(self, cid: str) -> _StatsState:
+        info = await self.engine.inspect(cid)
+        st = info.get("State") or {}
+        started_ns = None
+        if st.get("StartedAt"):
+            try:
+                age = time.time() - parse_time(st["StartedAt"][:26].rstrip("Z") + "Z")
+                started_ns = time.monotonic_ns() - int(age * 1e9)
+            except ValueError:
+                pass
+        reader = None
+        pid = int(st.get("Pid") or 0)
+        if pid > 0:
+            try:
+                reader = cgroupstats.CgroupReader(pid)
+            except (OSError, ValueError):
+                log.info("stats_from_engine", container_id=cid)
+        return _StatsState(reader=reader, started_ns=started_ns)
+
+    async def _engine_stats(self, cid: str, state: _StatsState) -> dict[str, Any]:
+        now = time.monotonic()
+        previous = state.engine_previous
+        if previous is None or now - previous[0] > STATS_FRESH:
+            first = await self.engine.stats_once(cid)
+            await asyncio.sleep(STATS_WINDOW)
+            previous = (now, first)
+        sample = await self.engine.stats_once(cid)
+        state.engine_previous = (time.monotonic(), sample)
+        return summarize(sample, previous[1])
+
+    async def exec(self, caller: Caller, ref: str, args: dict[str, Any]) -> dict[str, Any]:
+        record = self.lookup(caller, ref)
+        lifecycle.check("exec", record.status, record.name)
+        policy_cap = self.config.policy.max_output
+        forced_user = self.config.policy.user
+        if forced_user is not None and args.get("user", forced_user) != forced_user:
+            raise PermissionDenied(
+                f"Commands run as user {forced_user!r} by policy.", {"policy": "user"}
+            )
+        request = ExecRequest(
+            cmd=args["cmd"],
+            env=check_env(args.get("env", {})),
+            workdir=args.get("workdir"),
+            user=args.get("user"),
+            stdin=args.get("stdin"),
+            timeout=args.get("timeout", self.config.defaults.exec_timeout),
+            max_output=min(args.get("max_output", self.config.defaults.max_output), policy_cap),
+        )
+        runner = BufferedExec(self.engine, self._cid(record), request)
+        record.running_execs += 1
+        self.touch(record)
+        self.publish("exec.started", record, {"cmd": request.cmd})
+        try:
+            result = await runner.run()
+        finally:
+            record.running_execs -= 1
+            self.touch(record)
+        self.publish(
+            "exec.exited",
+            record,
+            {"exit_code": result["exit_code"], "timed_out": result["timed_out"]},
+        )
+        return result
