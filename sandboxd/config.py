@@ -97,6 +97,8 @@ class Config:
     state_dir: str = field(default_factory=_default_state_dir)
     engine_url: str | None = None
     admin_group: str | None = None
+    # Names this daemon's containers: two daemons on one engine never touch each other's.
+    instance: str = "default"
     max_frame: int = 16 * MIB
     shutdown_grace: float = 10.0
     cleanup_on_exit: bool = False
@@ -185,6 +187,7 @@ _ENV = {
     "SANDBOXD_ADMIN_GROUP": ("admin_group", None),
     "SANDBOXD_DEFAULT_IMAGE": ("image", "defaults"),
     "SANDBOXD_LOG_LEVEL": ("log_level", None),
+    "SANDBOXD_INSTANCE": ("instance", None),
 }
 
 

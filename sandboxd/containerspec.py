@@ -50,7 +50,7 @@ def container_config(record: SandboxRecord, spec: CreateSpec, config: Config) ->
         "Cmd": None,
         "Env": [f"{k}={v}" for k, v in spec.env.items()],
         "WorkingDir": spec.workdir,
-        "Labels": record.container_labels(),
+        "Labels": record.container_labels(config.instance),
         "Hostname": f"sandbox-{record.id[:8]}",
         "AttachStdin": False,
         "AttachStdout": False,

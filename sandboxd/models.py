@@ -15,6 +15,7 @@ LABEL_ID = "io.sandboxd.id"
 LABEL_NAME = "io.sandboxd.name"
 LABEL_OWNER = "io.sandboxd.owner"
 LABEL_CREATED_AT = "io.sandboxd.created_at"
+LABEL_INSTANCE = "io.sandboxd.instance"
 LABEL_USER_PREFIX = "io.sandboxd.label."
 CONTAINER_PREFIX = "sandboxd-"
 
@@ -57,8 +58,9 @@ class SandboxRecord:
     container_id: str | None = None
     running_execs: int = 0
 
-    def container_labels(self) -> dict[str, str]:
+    def container_labels(self, instance: str) -> dict[str, str]:
         labels = {
+            LABEL_INSTANCE: instance,
             LABEL_ID: self.id,
             LABEL_NAME: self.name,
             LABEL_OWNER: f"{self.owner_uid}:{self.owner_gid}",

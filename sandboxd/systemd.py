@@ -220,7 +220,7 @@ class Notifier:
         if interval is None:
             return
         while True:
-            pass
+            self.watchdog_ping()
             await asyncio.sleep(interval)
 
 

@@ -1,0 +1,269 @@
+"""Shared pieces of the sandboxd benchmarks: a raw msgpack-RPC client, statistics, tables.
+
+The client here is deliberately independent of ``sandboxd`` and
+``sandboxd_client``: it speaks SPEC §2 with nothing but ``msgpack`` and
+``asyncio.open_unix_connection``, so a benchmark measures the daemon, not a
+client library that changes with it. The module also holds the percentile
+maths, a small fixed-width table printer, per-process CPU accounting read
+from /proc (to tell whether the daemon or the benchmark's own client was the
+bottleneck) and the JSON report writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+REQUEST = 0
+RESPONSE = 1
+NOTIFICATION = 2
+MAX_MSGID = 2**32 - 1
+READ_CHUNK = 1 << 20
+
+
+class RpcError(Exception):
+    """An error reply ``[code, message, data]`` from the server."""
+
+    def __init__(self, code: str, message: str, data: Any) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class RpcConnectionLost(Exception):
+    """The connection closed while calls were pending."""
+
+
+class RpcClient:
+    """A minimal msgpack-RPC client on one Unix socket connection.
+
+    Many calls may be in flight; replies are matched by msgid. Notifications
+    are counted and dropped (the benchmarks subscribe to nothing).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self.notifications = 0
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, path: str) -> RpcClient:
+        reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK)
+        return cls(reader, writer)
+
+    @property
+    def peer_pid(self) -> int:
+        """The server process's pid (SO_PEERCRED), 0 when it cannot be read."""
+        sock = self._writer.get_extra_info("socket")
+        if sock is None:
+            return 0
+        return peer_pid(sock)
+
+    def _next_id(self) -> int:
+        msgid = next(self._ids)
+        if msgid > MAX_MSGID:
+            self._ids = itertools.count(1)
+            msgid = next(self._ids)
+        return msgid
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Send one request and wait for its reply; an error reply raises ``RpcError``."""
+        msgid = self._next_id()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[msgid] = fut
+        body = [REQUEST, msgid, method, [] if params is None else [params]]
+        try:
+            self._writer.write(self._packer.pack(body))
+            await self._writer.drain()
+            return await fut
+        finally:
+            self._pending.pop(msgid, None)
+
+    async def _read_loop(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=256 * 1024 * 1024)
+        exc: BaseException = RpcConnectionLost("the server closed the connection")
+        try:
+            while data := await self._reader.read(READ_CHUNK):
+                unpacker.feed(data)
+                for msg in unpacker:
+                    self._deliver(msg)
+        except (OSError, ValueError) as err:
+            exc = RpcConnectionLost(f"connection failed: {err}")
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    def _deliver(self, msg: Any) -> None:
+        if not isinstance(msg, list) or not msg:
+            return
+        if msg[0] == NOTIFICATION:
+            self.notifications += 1
+            return
+        if msg[0] != RESPONSE or len(msg) != 4:
+            return
+        fut = self._pending.get(msg[1])
+        if fut is None or fut.done():
+            return
+        error, result = msg[2], msg[3]
+        if error is not None:
+            if isinstance(error, list) and len(error) >= 2:
+                data = error[2] if len(error) > 2 else None
+                fut.set_exception(RpcError(str(error[0]), str(error[1]), data))
+            else:
+                fut.set_exception(RpcError("unknown", repr(error), None))
+        else:
+            fut.set_result(result)
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+        self._reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader_task
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid at the other end of a Unix stream socket, or 0."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return 0
+    pid: int = struct.unpack("3i", raw)[0]
+    return pid
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by ``pid`` (all threads), None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    # The command name may contain spaces: fields start after the last ')'.
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# statistics ---------------------------------------------------------------
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The ``pct`` percentile with linear interpolation between closest ranks.
+
+    Same definition as numpy's default ("linear"): with 30 samples p95 lies
+    between the 28th and 29th smallest values.
+    """
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * pct / 100.0
+    lo = math.floor(pos)
+    hi = math.ceil(pos)
+    if lo == hi:
+        return ordered[lo]
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class Samples:
+    """Latencies of one operation on one side, in seconds."""
+
+    values: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float) -> None:
+        self.values.append(seconds)
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.values, 50)
+
+    @property
+    def p95(self) -> float:
+        return percentile(self.values, 95)
+
+    def summary_ms(self) -> dict[str, Any]:
+        vals = self.values
+        return {
+            "n": len(vals),
+            "p50_ms": round(self.p50 * 1000, 3) if vals else None,
+            "p95_ms": round(self.p95 * 1000, 3) if vals else None,
+            "min_ms": round(min(vals) * 1000, 3) if vals else None,
+            "max_ms": round(max(vals) * 1000, 3) if vals else None,
+            "mean_ms": round(sum(vals) / len(vals) * 1000, 3) if vals else None,
+            "samples_ms": [round(v * 1000, 3) for v in vals],
+        }
+
+
+def ratio(ours: float, raw: float) -> float:
+    if raw <= 0 or math.isnan(raw) or math.isnan(ours):
+        return math.nan
+    return ours / raw
+
+
+# output ---------------------------------------------------------------------
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain fixed-width table: first column left-aligned, the rest right-aligned."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        out = [cells[0].ljust(widths[0])]
+        out += [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def fmt_ms(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    ms = seconds * 1000
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    return f"{ms:.2f}"
+
+
+def fmt_ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
+def environment() -> dict[str, Any]:
+    """Facts about the machine a report was taken on."""
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "msgpack": ".".join(str(x) for x in msgpack.version),
+    }
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    with open(path, "w") as fh:
+        json.dump(report, fh, indent=2, sort_keys=False)
+        fh.write("\n")

@@ -1,0 +1,609 @@
+"""``sandboxctl``: the command-line interface to sandboxd.
+
+This module owns argument parsing, human and JSON rendering, and the CLI's
+error contract: a failure prints exactly one line on stderr,
+``sandboxctl: <code>: <message>``, and exits 1 (usage errors exit 2, as
+click does); never a traceback. It talks to the daemon only through
+``aio.SandboxClient``; it must not speak the wire protocol itself, nor import
+aiodocker or the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from sandboxd import __version__
+from sandboxd.errors import ConnectionLost, NotFound, SandboxdError
+
+from .aio import SandboxClient
+from .models import DaemonInfo, ExecResult, Sandbox, Stats, parse_time
+
+T = TypeVar("T")
+
+PROG = "sandboxctl"
+
+
+# -- plumbing ----------------------------------------------------------------
+
+
+class Failed(click.ClickException):
+    """An error already rendered as the one-line message; exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"{PROG}: {self.message}", err=True)
+
+
+def _error_line(err: SandboxdError) -> str:
+    message = err.message
+    data = err.data or {}
+    engine = data.get("engine_message") if isinstance(data, Mapping) else None
+    if engine and str(engine) not in message:
+        message = f"{message} (engine: {engine})"
+    return f"{err.code}: {message}"
+
+
+def _socket(ctx: click.Context) -> str | None:
+    obj = ctx.find_root().obj
+    return obj.get("socket") if isinstance(obj, dict) else None
+
+
+def run(ctx: click.Context, action: Callable[[SandboxClient], Awaitable[T]]) -> T:
+    """Connect, run ``action(client)``, close; turn every failure into one stderr line."""
+
+    async def main() -> T:
+        async with SandboxClient(_socket(ctx)) as client:
+            return await action(client)
+
+    try:
+        return asyncio.run(main())
+    except SandboxdError as err:
+        raise Failed(_error_line(err)) from None
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except Exception as err:  # never a traceback; SANDBOXCTL_DEBUG=1 shows one
+        if os.environ.get("SANDBOXCTL_DEBUG"):
+            raise
+        raise Failed(f"client_error: {type(err).__name__}: {err}") from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=False, default=_json_default,
+                          ensure_ascii=False))
+
+
+def _key_values(pairs: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE.", param_hint=what)
+        out[key] = value
+    return out
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_seconds(value: str) -> float | int:
+    """A duration: seconds as a number, or with a unit suffix s, m, h or d (``10m``)."""
+    text = value.strip().lower()
+    factor = 1
+    if text and text[-1] in _UNITS:
+        factor, text = _UNITS[text[-1]], text[:-1]
+    try:
+        number = float(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a duration (seconds, or like 90s, 10m, 2h).") from None
+    if number < 0 or number != number or number in (float("inf"), float("-inf")):
+        raise click.BadParameter(f"{value!r} is not a usable duration.")
+    seconds = number * factor
+    return int(seconds) if seconds == int(seconds) else seconds
+
+
+def _seconds_cb(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    return None if value is None else parse_seconds(value)
+
+
+def _size_cb(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """Bytes as an integer, or a string like ``512m`` sent as-is for the daemon to parse."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        raise click.BadParameter("an empty size")
+    return int(text) if text.isdigit() else text
+
+
+def _ago_or_in(when: str | None, *, never: str = "never") -> str:
+    t = parse_time(when)
+    if t is None:
+        return never if when is None else str(when)
+    delta = (t - datetime.now(UTC)).total_seconds()
+    if delta <= 0:
+        return "expired"
+    return "in " + _human_duration(delta)
+
+
+def _human_duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{n}B"  # pragma: no cover
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces (the last column unpadded)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *[list(r) for r in rows]]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def listing(pairs: Sequence[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+
+
+def _sandbox_listing(sb: Sandbox) -> str:
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(sb.labels.items())) or "-"
+    expires = "never" if sb.expires_at is None else (
+        f"{sb.expires_at} ({_ago_or_in(sb.expires_at)})")
+    pairs: list[tuple[str, Any]] = [
+        ("id", sb.id),
+        ("name", sb.name),
+        ("status", sb.status),
+        ("image", sb.image),
+        ("owner", f"{sb.owner.uid}:{sb.owner.gid}"),
+        ("created_at", sb.created_at),
+        ("expires_at", expires),
+        ("idle_timeout", "-" if sb.idle_timeout is None else f"{sb.idle_timeout:g}s"),
+        ("last_activity_at", sb.last_activity_at or "-"),
+        ("labels", labels),
+        ("memory", _human_bytes(sb.limits.memory_bytes)),
+        ("cpus", f"{sb.limits.cpus:g}"),
+        ("pids", sb.limits.pids),
+        ("network", sb.network),
+        ("workdir", sb.workdir),
+        ("container_id", sb.container_id or "-"),
+    ]
+    pairs += [(k, v) for k, v in sorted(sb.extra.items())]
+    return listing(pairs)
+
+
+def _print_sandbox(sb: Sandbox, as_json: bool) -> None:
+    if as_json:
+        emit_json(sb.to_dict())
+    else:
+        click.echo(sb.id)
+
+
+def exec_json(result: ExecResult) -> dict[str, Any]:
+    """The ``exec --json`` object: text fields decoded UTF-8 (replace) plus exact base64."""
+    out = result.to_dict()
+    out["stdout"] = result.stdout.decode("utf-8", "replace")
+    out["stderr"] = result.stderr.decode("utf-8", "replace")
+    out["stdout_b64"] = base64.b64encode(result.stdout).decode("ascii")
+    out["stderr_b64"] = base64.b64encode(result.stderr).decode("ascii")
+    return out
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+# -- commands ----------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    "socket_path",
+    envvar="SANDBOXD_SOCKET",
+    metavar="PATH",
+    help="The daemon's socket [env SANDBOXD_SOCKET; default /run/sandboxd/sandboxd.sock "
+    "as root, else $XDG_RUNTIME_DIR/sandboxd.sock].",
+)
+@click.version_option(__version__, prog_name=PROG)
+@click.pass_context
+def cli(ctx: click.Context, socket_path: str | None) -> None:
+    """Control sandboxd: create sandboxes, run commands in them, remove them.
+
+    Errors print one line, "sandboxctl: CODE: MESSAGE", on stderr and exit 1;
+    usage errors exit 2.
+    """
+    ctx.obj = {"socket": socket_path or None}
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def ping(ctx: click.Context, as_json: bool) -> None:
+    """Check that the daemon answers."""
+    reply = run(ctx, lambda c: c.ping())
+    if as_json:
+        emit_json({"result": reply})
+    else:
+        click.echo(reply)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def info(ctx: click.Context, as_json: bool) -> None:
+    """Show the daemon's version, engine state and who you are to it."""
+    result: DaemonInfo = run(ctx, lambda c: c.info())
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    engine = (f"{result.engine.version or '?'} (reachable)" if result.engine.reachable
+              else "unreachable")
+    caller = result.caller
+    pairs: list[tuple[str, Any]] = [
+        ("version", result.version),
+        ("api_version", result.api_version),
+        ("engine", engine),
+        ("sandboxes", result.sandboxes),
+        ("uptime", _human_duration(result.uptime)),
+        ("caller", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}"
+                   + (" (admin)" if caller.admin else "")),
+    ]
+    if result.pool:
+        pairs.append(("pool", json.dumps(result.pool, default=_json_default)))
+    click.echo(listing(pairs))
+
+
+@cli.command()
+@click.option("--image", help="Image to start (default: the daemon's).")
+@click.option("--name", help="A unique name, usable wherever an ID is.")
+@click.option("--memory", metavar="SIZE", callback=_size_cb,
+              help="Memory limit: bytes, or like 512m, 1g.")
+@click.option("--cpus", type=float, help="CPU limit, e.g. 0.5 or 2.")
+@click.option("--pids", type=int, help="Maximum number of processes.")
+@click.option("--ttl", metavar="SECONDS", callback=_seconds_cb,
+              help="Lifetime (seconds, or 90s/10m/2h); 0 = no expiry.")
+@click.option("--idle-timeout", metavar="SECONDS", callback=_seconds_cb,
+              help="Expire after this long without activity.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment (repeatable).")
+@click.option("--workdir", help="Working directory inside the sandbox.")
+@click.option("--label", "label", multiple=True, metavar="K=V", help="Label (repeatable).")
+@click.option("--network", help="Network to attach (default: none).")
+@click.option("--readonly-rootfs/--no-readonly-rootfs", default=None,
+              help="Mount the root filesystem read-only.")
+@click.option("--user", help="User to run as inside the sandbox.")
+@json_option
+@click.pass_context
+def create(
+    ctx: click.Context,
+    image: str | None,
+    name: str | None,
+    memory: int | str | None,
+    cpus: float | None,
+    pids: int | None,
+    ttl: float | None,
+    idle_timeout: float | None,
+    env: tuple[str, ...],
+    workdir: str | None,
+    label: tuple[str, ...],
+    network: str | None,
+    readonly_rootfs: bool | None,
+    user: str | None,
+    as_json: bool,
+) -> None:
+    """Create a sandbox and print its ID (or, with --json, the whole sandbox)."""
+    env_map = _key_values(env, "--env") if env else None
+    labels = _key_values(label, "--label") if label else None
+    sb = run(ctx, lambda c: c.create(
+        image=image, name=name, memory=memory, cpus=cpus, pids=pids, ttl=ttl,
+        idle_timeout=idle_timeout, env=env_map, workdir=workdir, labels=labels,
+        network=network, readonly_rootfs=readonly_rootfs, user=user,
+    ))
+    _print_sandbox(sb, as_json)
+
+
+@cli.command("ls")
+@click.option("--status", type=click.Choice(["creating", "running", "paused", "stopped",
+                                             "error"]), help="Only sandboxes in this state.")
+@click.option("--label", "label", multiple=True, metavar="K=V",
+              help="Only sandboxes with this label (repeatable; all must match).")
+@click.option("-q", "--quiet", is_flag=True, help="Print IDs only.")
+@json_option
+@click.pass_context
+def ls(ctx: click.Context, status: str | None, label: tuple[str, ...], quiet: bool,
+       as_json: bool) -> None:
+    """List your sandboxes (all of them, for an admin)."""
+    labels = _key_values(label, "--label") if label else None
+    sandboxes = run(ctx, lambda c: c.list(status=status, labels=labels))
+    if as_json:
+        emit_json([sb.to_dict() for sb in sandboxes])
+    elif quiet:
+        for sb in sandboxes:
+            click.echo(sb.id)
+    else:
+        rows = [[sb.id, sb.name or "-", sb.status, sb.image, _ago_or_in(sb.expires_at)]
+                for sb in sandboxes]
+        click.echo(table(["ID", "NAME", "STATUS", "IMAGE", "EXPIRES"], rows))
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="ID")
+@json_option
+@click.pass_context
+def inspect(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+    """Show everything about one sandbox (by ID or name)."""
+    sb = run(ctx, lambda c: c.get(sandbox_id))
+    if as_json:
+        emit_json(sb.to_dict())
+    else:
+        click.echo(_sandbox_listing(sb))
+
+
+class ExecCommand(click.Command):
+    """``exec [OPTIONS] ID [OPTIONS --] CMD...``.
+
+    Everything after ID is the command (as with ``docker exec``), so
+    ``sandboxctl exec ID ls -la`` works. A ``--`` right after ID is dropped.
+    Options placed between ID and a ``--`` are treated as if they came
+    before ID. A ``--`` inside the command itself is left alone.
+    """
+
+    def _takes_value(self, token: str) -> bool | None:
+        name = token.split("=", 1)[0]
+        for param in self.params:
+            if isinstance(param, click.Option) and name in (*param.opts, *param.secondary_opts):
+                return not param.is_flag and "=" not in token
+        return None
+
+    def _id_index(self, args: list[str]) -> int | None:
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if token == "--":
+                return None
+            if token.startswith("-") and len(token) > 1:
+                takes = self._takes_value(token)
+                if takes is None:
+                    return None  # unknown option: let click report it
+                i += 2 if takes else 1
+                continue
+            return i
+        return None
+
+    def _options_end(self, rest: list[str]) -> int | None:
+        """If ``rest`` is options then ``--``, the index of that ``--``."""
+        i = 0
+        while i < len(rest):
+            token = rest[i]
+            if token == "--":
+                return i
+            if not token.startswith("-"):
+                return None
+            takes = self._takes_value(token)
+            if takes is None:
+                return None
+            i += 2 if takes else 1
+        return None
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        j = self._id_index(args)
+        if j is not None:
+            head, sid, rest = args[:j], args[j], args[j + 1 :]
+            if rest and rest[0] == "--":
+                rest = rest[1:]
+            elif (k := self._options_end(rest)) is not None:
+                head, rest = head + rest[:k], rest[k + 1 :]
+            elif rest and rest[0].startswith("-"):
+                raise click.UsageError(
+                    f"{rest[0]!r} is not an exec option here; put options before ID, or "
+                    "between ID and '--', and the command after.", ctx)
+            args = [*head, sid, *rest]
+        return super().parse_args(ctx, args)
+
+
+@cli.command("exec", cls=ExecCommand, context_settings={"ignore_unknown_options": True,
+                                                        "allow_interspersed_args": False})
+@click.argument("sandbox_id", metavar="ID")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD...")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment (repeatable).")
+@click.option("--workdir", help="Working directory for the command.")
+@click.option("--user", help="User to run the command as.")
+@click.option("--timeout", metavar="SECONDS", callback=_seconds_cb,
+              help="Kill the command after this long.")
+@click.option("--max-output", type=int, metavar="BYTES",
+              help="Keep at most this many bytes per stream (head and tail).")
+@click.option("-i", "--stdin", "forward_stdin", is_flag=True,
+              help="Send sandboxctl's stdin to the command (read to EOF first).")
+@json_option
+@click.pass_context
+def exec_(
+    ctx: click.Context,
+    sandbox_id: str,
+    cmd: tuple[str, ...],
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+    max_output: int | None,
+    forward_stdin: bool,
+    as_json: bool,
+) -> None:
+    """Run CMD (an argv, no shell) in sandbox ID; exit with its exit code.
+
+    Everything after ID is the command; options go before ID, or between
+    ID and a `--` that precedes CMD. The command's stdout and stderr are
+    written raw to
+    sandboxctl's stdout and stderr; a timeout or truncation is noted on
+    stderr. Use `sh -c '...'` for shell syntax.
+
+    With --json, one object is printed instead: exit_code, timed_out,
+    truncated, duration, and stdout/stderr decoded as UTF-8 (invalid bytes
+    replaced) plus stdout_b64/stderr_b64 with the exact bytes in base64. The
+    exit code is still the command's.
+    """
+    env_map = _key_values(env, "--env") if env else None
+    data = sys.stdin.buffer.read() if forward_stdin else None
+    result: ExecResult = run(ctx, lambda c: c.exec(
+        sandbox_id, list(cmd), env=env_map, workdir=workdir, user=user, stdin=data,
+        timeout=timeout, max_output=max_output,
+    ))
+    if as_json:
+        emit_json(exec_json(result))
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.flush()
+        sys.stderr.buffer.write(result.stderr)
+        sys.stderr.buffer.flush()
+        if result.timed_out:
+            click.echo(f"{PROG}: the command timed out after {result.duration:.1f}s and was "
+                       "killed.", err=True)
+        if result.truncated:
+            click.echo(f"{PROG}: output was truncated (over --max-output bytes per stream; "
+                       "the middle was cut).", err=True)
+    ctx.exit(_exit_status(result.exit_code))
+
+
+def _exit_status(code: int) -> int:
+    if 0 <= code <= 255:
+        return code
+    return 1
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="ID")
+@json_option
+@click.pass_context
+def pause(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+    """Freeze every process in a sandbox."""
+    _print_sandbox(run(ctx, lambda c: c.pause(sandbox_id)), as_json)
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="ID")
+@json_option
+@click.pass_context
+def resume(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+    """Unfreeze a paused sandbox."""
+    _print_sandbox(run(ctx, lambda c: c.resume(sandbox_id)), as_json)
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="ID")
+@click.argument("ttl", callback=_seconds_cb)
+@json_option
+@click.pass_context
+def extend(ctx: click.Context, sandbox_id: str, ttl: float, as_json: bool) -> None:
+    """Keep a sandbox alive: its deadline becomes now + TTL (seconds, or 10m/2h)."""
+    sb = run(ctx, lambda c: c.extend(sandbox_id, ttl))
+    if as_json:
+        emit_json(sb.to_dict())
+    else:
+        click.echo(f"{sb.id} expires {_ago_or_in(sb.expires_at)}"
+                   + (f" ({sb.expires_at})" if sb.expires_at else ""))
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="ID")
+@json_option
+@click.pass_context
+def stats(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+    """Show a sandbox's CPU, memory, process and network usage."""
+    s: Stats = run(ctx, lambda c: c.stats(sandbox_id))
+    if as_json:
+        emit_json(s.to_dict())
+        return
+    click.echo(listing([
+        ("cpu", f"{s.cpu_percent:.1f}%"),
+        ("memory", f"{_human_bytes(s.memory_bytes)} / {_human_bytes(s.memory_limit_bytes)}"),
+        ("pids", s.pids),
+        ("net_rx", _human_bytes(s.net_rx_bytes)),
+        ("net_tx", _human_bytes(s.net_tx_bytes)),
+    ]))
+
+
+@cli.command()
+@click.argument("sandbox_ids", metavar="ID...", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Do not fail on sandboxes that do not exist.")
+@click.pass_context
+def rm(ctx: click.Context, sandbox_ids: tuple[str, ...], force: bool) -> None:
+    """Stop and remove sandboxes; print each ID removed.
+
+    Every ID is attempted; if any failed, exit 1 after reporting each failure.
+    """
+
+    async def remove_all(c: SandboxClient) -> list[tuple[str, SandboxdError | None]]:
+        outcome: list[tuple[str, SandboxdError | None]] = []
+        for sid in sandbox_ids:
+            try:
+                await c.remove(sid)
+                outcome.append((sid, None))
+            except NotFound as err:
+                outcome.append((sid, None if force else err))
+            except ConnectionLost:
+                raise
+            except SandboxdError as err:
+                outcome.append((sid, err))
+        return outcome
+
+    failed = False
+    for sid, err in run(ctx, remove_all):
+        if err is None:
+            click.echo(sid)
+        else:
+            failed = True
+            click.echo(f"{PROG}: {_error_line(err)}", err=True)
+    if failed:
+        ctx.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``sandboxctl`` console script."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name=PROG)
+    except BrokenPipeError:
+        # stdout closed early (``sandboxctl ls | head``): exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(0)  # pragma: no cover - cli.main always exits
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,392 @@
+"""Typed views of the values the daemon returns (SPEC §3), built from wire maps.
+
+This module owns the dataclasses ``Sandbox`` (its data part), ``Owner``,
+``Limits``, ``ExecResult``, ``Stats``, ``DaemonInfo`` and friends, their
+liberal ``from_wire`` constructors and their ``to_dict`` views. It must not do
+any I/O or know about connections: the sandbox *handles* that can act
+(``sb.exec(...)``) are subclasses defined in ``aio`` and ``blocking``.
+
+Reading is liberal, as the SPEC asks: unknown keys are kept in ``extra`` and
+never cause an error, a missing key takes a neutral default, and a str sent
+as bin (or the reverse) is converted. Only a reply that is not a map at all
+raises ``UnexpectedReply``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from .exceptions import UnexpectedReply
+
+__all__ = [
+    "CallerInfo",
+    "DaemonInfo",
+    "EngineInfo",
+    "ExecResult",
+    "Limits",
+    "Owner",
+    "Sandbox",
+    "Stats",
+    "parse_time",
+]
+
+SANDBOX_STATUSES = ("creating", "running", "paused", "stopped", "error")
+
+
+# -- liberal converters ------------------------------------------------------
+
+
+def _as_map(value: Any, what: str) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    raise UnexpectedReply(
+        f"Expected {what} as a map from sandboxd but got {type(value).__name__}; "
+        "the daemon and client versions may not match.",
+        {"value_type": type(value).__name__},
+    )
+
+
+def _str(value: Any, default: str = "") -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    if value is None:
+        return default
+    return str(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _float(value: Any, default: float = 0.0) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else _float(value)
+
+
+def _bool(value: Any) -> bool:
+    return bool(value)
+
+
+def _bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return b""
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {_str(k): _str(v) for k, v in value.items()}
+
+
+def _extra(data: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in known}
+
+
+def _names(cls: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.name != "extra")
+
+
+def _plain(value: Any) -> Any:
+    """A value with nested models turned into dicts (for JSON and ``to_dict``)."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _to_dict(obj: Any, cls: type[Any]) -> dict[str, Any]:
+    out = {f.name: _plain(getattr(obj, f.name)) for f in fields(cls) if f.name != "extra"}
+    for key, value in getattr(obj, "extra", {}).items():
+        out.setdefault(key, _plain(value))
+    return out
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 time from the wire (``"2026-11-26T15:04:05.123Z"``) as an aware datetime.
+
+    Returns ``None`` for ``None`` or a string that is not a time.
+    """
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+# -- models ------------------------------------------------------------------
+
+
+@dataclass
+class Owner:
+    """The uid and gid a sandbox belongs to."""
+
+    uid: int
+    gid: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = data if isinstance(data, Mapping) else {}
+        return cls(uid=_int(m.get("uid"), -1), gid=_int(m.get("gid"), -1),
+                   extra=_extra(m, _names(cls)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, Owner)
+
+
+@dataclass
+class Limits:
+    """A sandbox's resource limits: memory in bytes, CPUs, process count."""
+
+    memory_bytes: int
+    cpus: float
+    pids: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = data if isinstance(data, Mapping) else {}
+        return cls(
+            memory_bytes=_int(m.get("memory_bytes")),
+            cpus=_float(m.get("cpus")),
+            pids=_int(m.get("pids")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, Limits)
+
+
+@dataclass
+class Sandbox:
+    """The data of one sandbox, as ``sandbox.get`` returns it (SPEC §3).
+
+    Times are the wire's RFC 3339 UTC strings; ``parse_time`` turns them into
+    datetimes. Keys the daemon sends beyond these are kept in ``extra``.
+    """
+
+    id: str
+    name: str
+    status: str
+    image: str
+    owner: Owner
+    created_at: str
+    expires_at: str | None
+    idle_timeout: float | None
+    last_activity_at: str | None
+    labels: dict[str, str]
+    limits: Limits
+    network: str
+    workdir: str
+    container_id: str | None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "a sandbox")
+        return cls(
+            id=_str(m.get("id")),
+            name=_str(m.get("name")),
+            status=_str(m.get("status")),
+            image=_str(m.get("image")),
+            owner=Owner.from_wire(m.get("owner")),
+            created_at=_str(m.get("created_at")),
+            expires_at=_opt_str(m.get("expires_at")),
+            idle_timeout=_opt_float(m.get("idle_timeout")),
+            last_activity_at=_opt_str(m.get("last_activity_at")),
+            labels=_str_map(m.get("labels")),
+            limits=Limits.from_wire(m.get("limits")),
+            network=_str(m.get("network")),
+            workdir=_str(m.get("workdir")),
+            container_id=_opt_str(m.get("container_id")),
+            extra=_extra(m, _names(Sandbox)),
+        )
+
+    def data_fields(self) -> dict[str, Any]:
+        """The data fields only (no client reference), as a shallow dict."""
+        return {f.name: getattr(self, f.name) for f in fields(Sandbox)}
+
+    def _update_from(self, other: Sandbox) -> None:
+        for name, value in other.data_fields().items():
+            setattr(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with the wire's key names (``extra`` keys merged in)."""
+        return _to_dict(self, Sandbox)
+
+
+@dataclass
+class ExecResult:
+    """The outcome of a buffered ``sandbox.exec``; stdout and stderr stay bytes."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    truncated: bool
+    duration: float
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "an exec result")
+        return cls(
+            exit_code=_int(m.get("exit_code"), -1),
+            stdout=_bytes(m.get("stdout")),
+            stderr=_bytes(m.get("stderr")),
+            timed_out=_bool(m.get("timed_out")),
+            truncated=_bool(m.get("truncated")),
+            duration=_float(m.get("duration")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited 0 without timing out."""
+        return self.exit_code == 0 and not self.timed_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, ExecResult)
+
+
+@dataclass
+class Stats:
+    """A point-in-time resource sample of one sandbox (``sandbox.stats``)."""
+
+    cpu_percent: float
+    memory_bytes: int
+    memory_limit_bytes: int
+    pids: int
+    net_rx_bytes: int
+    net_tx_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "sandbox stats")
+        return cls(
+            cpu_percent=_float(m.get("cpu_percent")),
+            memory_bytes=_int(m.get("memory_bytes")),
+            memory_limit_bytes=_int(m.get("memory_limit_bytes")),
+            pids=_int(m.get("pids")),
+            net_rx_bytes=_int(m.get("net_rx_bytes")),
+            net_tx_bytes=_int(m.get("net_tx_bytes")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, Stats)
+
+
+@dataclass
+class EngineInfo:
+    """What the daemon knows of the Docker Engine."""
+
+    version: str | None
+    reachable: bool
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = data if isinstance(data, Mapping) else {}
+        return cls(
+            version=_opt_str(m.get("version")),
+            reachable=_bool(m.get("reachable")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, EngineInfo)
+
+
+@dataclass
+class CallerInfo:
+    """Who the daemon thinks the caller is (from SO_PEERCRED)."""
+
+    uid: int
+    gid: int
+    pid: int
+    admin: bool
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = data if isinstance(data, Mapping) else {}
+        return cls(
+            uid=_int(m.get("uid"), -1),
+            gid=_int(m.get("gid"), -1),
+            pid=_int(m.get("pid"), -1),
+            admin=_bool(m.get("admin")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, CallerInfo)
+
+
+@dataclass
+class DaemonInfo:
+    """The reply of ``daemon.info``."""
+
+    version: str
+    api_version: int
+    engine: EngineInfo
+    sandboxes: int
+    uptime: float
+    pool: dict[str, Any]
+    caller: CallerInfo
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "daemon info")
+        pool = m.get("pool")
+        return cls(
+            version=_str(m.get("version")),
+            api_version=_int(m.get("api_version")),
+            engine=EngineInfo.from_wire(m.get("engine")),
+            sandboxes=_int(m.get("sandboxes")),
+            uptime=_float(m.get("uptime")),
+            pool=dict(pool) if isinstance(pool, Mapping) else {},
+            caller=CallerInfo.from_wire(m.get("caller")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, DaemonInfo)

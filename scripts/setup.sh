@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Prepare this machine for sandboxd: Docker Engine, busybox-static, a Python
+# venv at .venv with the project installed, and the sandboxd/base image.
+# Idempotent: when everything is already there it only checks and returns.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+# Root runs apt and dockerd directly; anyone else goes through sudo.
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "not root and sudo is missing: run as root"
+    SUDO=(sudo)
+fi
+
+pkg_installed() {
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
+}
+
+# --- system packages -------------------------------------------------------
+missing=()
+if ! command -v docker >/dev/null 2>&1 || ! command -v dockerd >/dev/null 2>&1; then
+    missing+=(docker.io)
+fi
+pkg_installed busybox-static || missing+=(busybox-static)
+# Docker refuses to run containers when the kernel enforces AppArmor but the
+# parser that loads its default profile is absent (docker.io only recommends it).
+if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null || true)" = Y ] \
+        && ! command -v apparmor_parser >/dev/null 2>&1 \
+        && ! [ -x /sbin/apparmor_parser ]; then
+    missing+=(apparmor)
+fi
+if ! command -v python3 >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
+    log "installing ${missing[*]} (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}" </dev/null
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "Python >= 3.11 is required, found $(python3 --version 2>&1)"
+
+# --- Docker Engine ---------------------------------------------------------
+docker_ok() { timeout 10 docker info >/dev/null 2>&1; }
+
+if docker_ok; then
+    log "docker: running"
+else
+    pidfile=/var/run/docker.pid
+    if [ -f "$pidfile" ] && "${SUDO[@]}" kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        log "docker: dockerd is starting, waiting for it"
+    else
+        log "docker: starting dockerd (log: /var/log/sandboxd-dockerd.log)"
+        "${SUDO[@]}" sh -c 'nohup dockerd > /var/log/sandboxd-dockerd.log 2>&1 < /dev/null &'
+    fi
+    for _ in $(seq 60); do
+        docker_ok && break
+        sleep 1
+    done
+    if ! docker_ok; then
+        printf 'setup: docker info still fails after 60 s; last lines of the dockerd log:\n' >&2
+        "${SUDO[@]}" tail -n 30 /var/log/sandboxd-dockerd.log >&2 2>/dev/null || true
+        timeout 10 docker info >&2 || true
+        die "the Docker Engine is not reachable"
+    fi
+    log "docker: running"
+fi
+
+# --- Python venv -----------------------------------------------------------
+stamp=.venv/.sandboxd-installed
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
+    log "venv: creating .venv"
+    rm -rf .venv
+    python3 -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+        || [ ! -x .venv/bin/sandboxd ] || [ ! -x .venv/bin/sandboxctl ]; then
+    log "venv: pip install -e '.[test,dev]'"
+    .venv/bin/pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+    touch "$stamp"
+else
+    log "venv: up to date"
+fi
+
+# --- base image ------------------------------------------------------------
+bash scripts/build-base-image.sh

@@ -1,0 +1,258 @@
+"""Shared fixtures: a real Docker Engine, the base image, real daemons, and leak checks.
+
+Every test that touches sandboxes runs against the real engine through a
+real ``sandboxd serve`` process. The autouse ``no_leaked_containers``
+fixture fails a test that leaves a sandbox container behind (and removes
+it), so nothing leaks between tests even when a test fails midway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import pytest_asyncio
+
+from sandboxd_client import SandboxClient
+from sandboxd_client.aio import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_IMAGE = "sandboxd/base:latest"
+LABEL = "io.sandboxd.id"
+# Every daemon of this test session names its containers with this prefix, so parallel
+# sessions on one engine never count (or remove) each other's sandboxes.
+SESSION = f"test-{os.getpid()}-{int(time.time())}"
+_daemon_count = 0
+
+
+def docker(*args: str, check: bool = True, timeout: float = 60) -> str:
+    """Run the docker CLI; its stdout."""
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def docker_inspect(ref: str) -> dict[str, Any]:
+    data: list[dict[str, Any]] = json.loads(docker("inspect", ref))
+    return data[0]
+
+
+def labelled_containers() -> set[str]:
+    """This session's sandbox containers."""
+    out = docker("ps", "-a", "--no-trunc", "--filter", f"label={LABEL}",
+                 "--format", '{{.ID}} {{.Label "io.sandboxd.instance"}}')
+    found = set()
+    for line in out.splitlines():
+        cid, _, instance = line.partition(" ")
+        if instance.startswith(SESSION + "-"):
+            found.add(cid)
+    return found
+
+
+def _engine_up() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _ensure_engine() -> None:
+    if _engine_up():
+        return
+    if shutil.which("dockerd") is None:
+        pytest.exit("dockerd is not installed: run scripts/setup.sh first", returncode=3)
+    log = open("/var/log/sandboxd-test-dockerd.log", "ab")  # noqa: SIM115 - outlives this function
+    subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if _engine_up():
+            return
+        time.sleep(0.5)
+    pytest.exit("dockerd did not come up within 60 s", returncode=3)
+
+
+def _ensure_image() -> None:
+    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode:
+        subprocess.run(["bash", str(ROOT / "scripts" / "build-base-image.sh")], check=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine() -> None:
+    """A running Docker Engine with the base image, for the whole session."""
+    _ensure_engine()
+    _ensure_image()
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    """Poll until a daemon answers daemon.ping at ``path``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited early with status {proc.returncode}")
+        try:
+            if raw_call(path, "daemon.ping", timeout=2) == [1, 1, None, "pong"]:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"no daemon answered on {path} within {timeout} s")
+
+
+def raw_call(path: str, method: str, params: list[Any] | None = None, timeout: float = 10) -> Any:
+    """One msgpack-RPC request over a fresh connection; the raw response array."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(msgpack.packb([0, 1, method, params or []], use_bin_type=True))
+        unpacker = msgpack.Unpacker(raw=False)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the daemon closed the connection")
+            unpacker.feed(data)
+            for obj in unpacker:
+                return obj
+
+
+class Daemon:
+    """A ``sandboxd serve`` process with its own socket and state directory."""
+
+    def __init__(self, workdir: Path, config: str = "", env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.socket = str(workdir / "sandboxd.sock")
+        self.state_dir = str(workdir / "state")
+        self.log_path = workdir / "daemon.log"
+        self.config_path = workdir / "config.toml"
+        self.config_path.write_text(config)
+        global _daemon_count
+        _daemon_count += 1
+        self.instance = f"{SESSION}-{_daemon_count}"
+        self.env = {**os.environ, "SANDBOXD_STATE_DIR": self.state_dir,
+                    "SANDBOXD_INSTANCE": self.instance, **(env or {})}
+        self.env.pop("SANDBOXD_SOCKET", None)
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "sandboxd", "serve", "--socket", self.socket,
+                "--config", str(self.config_path), *self.args]
+
+    def start(self, wait: bool = True) -> Daemon:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=str(ROOT))
+        log.close()
+        if wait:
+            try:
+                wait_for_socket(self.socket, self.proc)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n--- daemon log ---\n{self.log()}") from None
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the daemon and wait; its exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+
+@pytest.fixture(scope="session")
+def daemon(engine: None) -> Iterator[Daemon]:
+    """The session's shared daemon."""
+    workdir = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
+    d = Daemon(workdir).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn_daemon(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    """Start extra daemons (own config, env or flags); all are stopped afterwards."""
+    started: list[Daemon] = []
+
+    def spawn(config: str = "", env: dict[str, str] | None = None,
+              args: list[str] | None = None, wait: bool = True) -> Daemon:
+        workdir = Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))  # short path for the socket
+        d = Daemon(workdir, config, env, args)
+        started.append(d)
+        return d.start(wait=wait)
+
+    yield spawn
+    for d in started:
+        with contextlib.suppress(Exception):
+            d.stop(signal.SIGKILL if d.proc and d.proc.poll() is None else signal.SIGTERM)
+        shutil.rmtree(d.workdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_containers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail (and clean up after) a test that leaves sandbox containers behind."""
+    before = labelled_containers()
+    yield
+    leaked = labelled_containers() - before
+    if leaked:
+        docker("rm", "-f", *leaked, check=False)
+        pytest.fail(f"test left {len(leaked)} sandbox container(s) behind: {sorted(leaked)}")
+
+
+@pytest_asyncio.fixture
+async def client(daemon: Daemon) -> AsyncIterator[SandboxClient]:
+    async with SandboxClient(daemon.socket) as c:
+        yield c
+
+
+MakeSandbox = Callable[..., Awaitable[Sandbox]]
+
+
+@pytest_asyncio.fixture
+async def make_sandbox(daemon: Daemon) -> AsyncIterator[MakeSandbox]:
+    """Create sandboxes through the daemon; every one is removed afterwards."""
+    made: list[str] = []
+    async with SandboxClient(daemon.socket) as owner:
+
+        async def make(client: SandboxClient | None = None, **kwargs: Any) -> Sandbox:
+            kwargs.setdefault("ttl", 300)
+            sb = await (client or owner).create(**kwargs)
+            made.append(sb.id)
+            return sb
+
+        yield make
+        for sid in made:
+            with contextlib.suppress(Exception):
+                await owner.remove(sid)
