@@ -34,8 +34,14 @@ class CallContext(Protocol):
 
     caller: Caller
     log: BoundLog
+    closed: bool  # the connection is gone
+    on_close: list[Callable[[], None]]  # run once when the connection closes
 
-    def notify(self, method: str, params: list[Any]) -> None: ...
+    def notify(self, method: str, params: list[Any]) -> None:
+        """Queue a notification to the caller (never waits)."""
+
+    async def drain(self) -> None:
+        """Wait until the caller has read enough of what was sent (back-pressure)."""
 
 
 Handler = Callable[[CallContext, dict[str, Any]], Any]

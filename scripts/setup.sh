@@ -33,9 +33,16 @@ if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null || true)" = Y ] 
         && ! [ -x /sbin/apparmor_parser ]; then
     missing+=(apparmor)
 fi
-if ! command -v python3 >/dev/null 2>&1; then
+# Prefer the distribution's Python (what python3-venv belongs to, and readable
+# by every user, which the tests need: they run the venv's python as nobody).
+python=/usr/bin/python3
+if ! [ -x "$python" ] || ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        >/dev/null 2>&1; then
+    python=$(command -v python3 || echo /usr/bin/python3)
+fi
+if ! [ -x "$python" ]; then
     missing+=(python3 python3-venv)
-elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+elif ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
 
@@ -48,8 +55,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
         --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}" </dev/null
 fi
 
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-    || die "Python >= 3.11 is required, found $(python3 --version 2>&1)"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "Python >= 3.11 is required, found $("$python" --version 2>&1) ($python)"
 
 # --- Docker Engine ---------------------------------------------------------
 docker_ok() { timeout 10 docker info >/dev/null 2>&1; }
@@ -80,9 +87,9 @@ fi
 # --- Python venv -----------------------------------------------------------
 stamp=.venv/.sandboxd-installed
 if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
-    log "venv: creating .venv"
+    log "venv: creating .venv ($python)"
     rm -rf .venv
-    python3 -m venv .venv
+    "$python" -m venv .venv
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
         || [ ! -x .venv/bin/sandboxd ] || [ ! -x .venv/bin/sandboxctl ]; then

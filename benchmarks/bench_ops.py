@@ -1,0 +1,616 @@
+"""Per-operation latency of sandboxd next to raw aiodocker doing the same work.
+
+Run with the daemon already serving::
+
+    .venv/bin/python -m benchmarks.bench_ops --socket /tmp/bench.sock [--n 30] [--json FILE]
+
+For each operation it times the call through sandboxd (msgpack-RPC over the
+Unix socket, with the raw client in ``benchmarks.common``) and the same work
+done directly with aiodocker against the same Docker Engine, alternating the
+two sides iteration by iteration (ours first on even iterations, raw first
+on odd ones) so that drift hits both equally. Warm-up iterations are run
+but not counted. It prints p50/p95 for both sides and the ratio ours/raw.
+
+Every container it makes is removed at the end, also after a failure or
+Ctrl-C: sandboxes through ``sandbox.remove`` (any sandbox carrying this run's
+``bench`` label included), raw containers by id and by the
+``io.sandboxd.bench=1`` label they all carry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiodocker
+
+from .common import (
+    RpcClient,
+    RpcError,
+    Samples,
+    environment,
+    fmt_ms,
+    fmt_ratio,
+    process_cpu_seconds,
+    ratio,
+    render_table,
+    write_json,
+)
+
+MIB = 1024 * 1024
+BENCH_LABEL = "io.sandboxd.bench"
+RUN_LABEL = "io.sandboxd.bench.run"
+IMAGE = "sandboxd/base"
+MEMORY = 512 * MIB  # sandboxd's default memory, cpus, pids, nofile, workdir
+CPUS = 1.0
+PIDS = 256
+NOFILE = 1024
+WORKDIR = "/workspace"
+SANDBOX_TTL = 1800  # ours expire by themselves even if this process is SIGKILLed
+ONE_MIB_CMD = ["head", "-c", str(MIB), "/dev/zero"]
+# Exec exit-code polling for the raw side: an immediate check, then backing off.
+EXIT_POLL_DELAYS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+CLEANUP_TIMEOUT = 30.0
+RATIO_TARGET = 1.10
+STATS_TARGET_S = 0.020
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def raw_container_config(run_id: str, index: int) -> dict[str, Any]:
+    """The hardened create body sandboxd sends (SPEC §4), for the raw side."""
+    return {
+        "Image": IMAGE,
+        "Entrypoint": ["sleep", "infinity"],
+        "Cmd": None,
+        "Env": [],
+        "WorkingDir": WORKDIR,
+        "Labels": {BENCH_LABEL: "1", RUN_LABEL: run_id},
+        "Hostname": f"bench-{index}",
+        "AttachStdin": False,
+        "AttachStdout": False,
+        "AttachStderr": False,
+        "Tty": False,
+        "OpenStdin": False,
+        "NetworkDisabled": True,
+        "StopTimeout": 1,
+        "HostConfig": {
+            "NetworkMode": "none",
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"],
+            "Privileged": False,
+            "PidsLimit": PIDS,
+            "Memory": MEMORY,
+            "MemorySwap": MEMORY,
+            "NanoCpus": int(CPUS * 1e9),
+            "Init": True,
+            "Ulimits": [{"Name": "nofile", "Soft": NOFILE, "Hard": NOFILE}],
+            "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
+            "LogConfig": {"Type": "none", "Config": {}},
+            "ReadonlyRootfs": False,
+            "AutoRemove": False,
+            "IpcMode": "private",
+        },
+    }
+
+
+@dataclass
+class OpResult:
+    name: str
+    ours: Samples = field(default_factory=Samples)
+    raw: Samples = field(default_factory=Samples)
+    target: str = ""
+    daemon_cpu_s: float | None = None  # daemon CPU seconds over the phase
+    daemon_calls: int = 0  # calls the daemon served in the phase (warm-up included)
+    note: str = ""
+
+    @property
+    def ratio_p50(self) -> float:
+        return ratio(self.ours.p50, self.raw.p50)
+
+    @property
+    def ratio_p95(self) -> float:
+        return ratio(self.ours.p95, self.raw.p95)
+
+    @property
+    def daemon_cpu_per_call(self) -> float:
+        if self.daemon_cpu_s is None or not self.daemon_calls:
+            return math.nan
+        return self.daemon_cpu_s / self.daemon_calls
+
+    def met(self) -> bool | None:
+        if not self.ours.values:
+            return None
+        if self.target == "ratio":
+            return self.ratio_p50 <= RATIO_TARGET
+        if self.target == "stats":
+            return self.ours.p50 < STATS_TARGET_S
+        return None
+
+    def target_text(self) -> str:
+        if self.target == "ratio":
+            return f"p50 <= {RATIO_TARGET:.2f}x"
+        if self.target == "stats":
+            return f"p50 < {STATS_TARGET_S * 1000:.0f} ms"
+        return ""
+
+    def to_json(self) -> dict[str, Any]:
+        met = self.met()
+        per_call = self.daemon_cpu_per_call
+        return {
+            "op": self.name,
+            "sandboxd": self.ours.summary_ms(),
+            "aiodocker": self.raw.summary_ms(),
+            "ratio_p50": None if math.isnan(self.ratio_p50) else round(self.ratio_p50, 3),
+            "ratio_p95": None if math.isnan(self.ratio_p95) else round(self.ratio_p95, 3),
+            "target": self.target_text() or None,
+            "target_met": met,
+            "daemon_cpu_ms_per_call": None if math.isnan(per_call) else round(per_call * 1e3, 3),
+            "note": self.note or None,
+        }
+
+
+async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = await fn()
+    return time.perf_counter() - started, result
+
+
+class Bench:
+    def __init__(self, rpc: RpcClient, docker: aiodocker.Docker, args: argparse.Namespace) -> None:
+        self.rpc = rpc
+        self.docker = docker
+        self.args = args
+        self.run_id = secrets.token_hex(4)
+        self.ours_ids: list[str] = []  # sandboxes alive
+        self.raw_ids: list[str] = []  # raw containers alive
+        self._raw_index = 0
+        self.daemon_pid = rpc.peer_pid
+        self.results: list[OpResult] = []
+        self.first_stats = OpResult(
+            "stats (first call)",
+            note="the first stats call on each fresh container, right after its create",
+        )
+
+    # one side, one operation -------------------------------------------
+    async def ours_create(self) -> str:
+        reply = await self.rpc.call(
+            "sandbox.create",
+            {"image": IMAGE, "ttl": SANDBOX_TTL, "labels": {"bench": self.run_id}},
+        )
+        sid = str(reply["id"])
+        self.ours_ids.append(sid)
+        if reply.get("status") != "running":
+            raise RuntimeError(f"sandbox.create replied with status {reply.get('status')!r}")
+        return sid
+
+    async def raw_create(self) -> str:
+        self._raw_index += 1
+        name = f"bench-{self.run_id}-{self._raw_index}"
+        container = await self.docker.containers.create(
+            raw_container_config(self.run_id, self._raw_index), name=name
+        )
+        self.raw_ids.append(container.id)
+        await container.start()
+        return container.id
+
+    async def ours_remove(self, sid: str) -> None:
+        await self.rpc.call("sandbox.remove", {"id": sid})
+        self.ours_ids.remove(sid)
+
+    async def raw_remove(self, cid: str) -> None:
+        async with self.docker._query(
+            f"containers/{cid}", method="DELETE", params={"force": "true", "v": "true"}
+        ):
+            pass
+        self.raw_ids.remove(cid)
+
+    async def ours_exec(self, sid: str, cmd: list[str], expect: int) -> None:
+        params: dict[str, Any] = {"id": sid, "cmd": cmd}
+        if expect:
+            params["max_output"] = 2 * MIB
+        reply = await self.rpc.call("sandbox.exec", params)
+        if reply["exit_code"] != 0 or len(reply["stdout"]) != expect or reply["truncated"]:
+            raise RuntimeError(
+                f"sandbox.exec {cmd}: exit {reply['exit_code']}, "
+                f"{len(reply['stdout'])} bytes, truncated={reply['truncated']}"
+            )
+
+    async def raw_exec(self, cid: str, cmd: list[str], expect: int) -> None:
+        """What a correct aiodocker client does for a buffered exec."""
+        container = self.docker.containers.container(cid)
+        execution = await container.exec(cmd)
+        chunks: list[bytes] = []
+        async with execution.start(detach=False) as stream:
+            while (msg := await stream.read_out()) is not None:
+                chunks.append(msg.data)
+        attempt = 0
+        while True:
+            info = await execution.inspect()
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                break
+            await asyncio.sleep(EXIT_POLL_DELAYS[min(attempt, len(EXIT_POLL_DELAYS) - 1)])
+            attempt += 1
+        size = sum(len(c) for c in chunks)
+        if info["ExitCode"] != 0 or size != expect:
+            raise RuntimeError(f"raw exec {cmd}: exit {info['ExitCode']}, {size} bytes")
+
+    async def raw_stats(self, cid: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.docker._query_json(
+            f"containers/{cid}/stats", params={"stream": "false", "one-shot": "true"}
+        )
+        return result
+
+    # phases --------------------------------------------------------------
+    def _cpu(self) -> float | None:
+        return process_cpu_seconds(self.daemon_pid) if self.daemon_pid else None
+
+    def _finish_cpu(self, op: OpResult, before: float | None, calls: int) -> None:
+        after = self._cpu()
+        if before is not None and after is not None:
+            op.daemon_cpu_s = after - before
+            op.daemon_calls = calls
+
+    async def alternate(
+        self,
+        i: int,
+        ours: Callable[[], Awaitable[Any]],
+        raw: Callable[[], Awaitable[Any]],
+        op: OpResult,
+        record: bool,
+    ) -> tuple[Any, Any]:
+        """Run both sides once, ours first on even iterations, raw first on odd ones."""
+        if i % 2 == 0:
+            t_ours, r_ours = await timed(ours)
+            t_raw, r_raw = await timed(raw)
+        else:
+            t_raw, r_raw = await timed(raw)
+            t_ours, r_ours = await timed(ours)
+        if record:
+            op.ours.add(t_ours)
+            op.raw.add(t_raw)
+        return r_ours, r_raw
+
+    async def phase_create(self, n: int, warmup: int) -> list[tuple[str, str]]:
+        op = OpResult("create")
+        first = self.first_stats
+        stats_cpu = 0.0
+        pairs: list[tuple[str, str]] = []
+        log(f"create: {warmup} warm-up + {n} measured pairs")
+        before = self._cpu()
+        for i in range(warmup + n):
+            sid, cid = await self.alternate(i, self.ours_create, self.raw_create, op, i >= warmup)
+            pairs.append((sid, cid))
+
+            def ours_stats(sid: str = sid) -> Awaitable[Any]:
+                return self.rpc.call("sandbox.stats", {"id": sid})
+
+            def raw_stats(cid: str = cid) -> Awaitable[Any]:
+                return self.raw_stats(cid)
+
+            t0 = self._cpu()
+            await self.alternate(i, ours_stats, raw_stats, first, i >= warmup)
+            t1 = self._cpu()
+            if t0 is not None and t1 is not None:
+                stats_cpu += t1 - t0
+        after = self._cpu()
+        if before is not None and after is not None:
+            op.daemon_cpu_s, op.daemon_calls = after - before - stats_cpu, warmup + n
+            first.daemon_cpu_s, first.daemon_calls = stats_cpu, warmup + n
+        self.results.append(op)
+        return pairs
+
+    async def phase_remove(self, pairs: list[tuple[str, str]], warmup: int) -> None:
+        op = OpResult("remove")
+        log(f"remove: {len(pairs)} pairs ({warmup} warm-up)")
+        before = self._cpu()
+        for i, (sid, cid) in enumerate(pairs):
+
+            def ours(sid: str = sid) -> Awaitable[None]:
+                return self.ours_remove(sid)
+
+            def raw(cid: str = cid) -> Awaitable[None]:
+                return self.raw_remove(cid)
+
+            await self.alternate(i, ours, raw, op, i >= warmup)
+        self._finish_cpu(op, before, len(pairs))
+        self.results.append(op)
+
+    async def phase_simple(
+        self,
+        name: str,
+        n: int,
+        warmup: int,
+        ours: Callable[[], Awaitable[Any]],
+        raw: Callable[[], Awaitable[Any]],
+        target: str,
+        note: str = "",
+    ) -> None:
+        op = OpResult(name, target=target, note=note)
+        log(f"{name}: {warmup} warm-up + {n} measured pairs")
+        before = self._cpu()
+        for i in range(warmup + n):
+            await self.alternate(i, ours, raw, op, i >= warmup)
+        self._finish_cpu(op, before, warmup + n)
+        self.results.append(op)
+
+    async def phase_pause_resume(self, sid: str, cid: str, n: int, warmup: int) -> None:
+        pause = OpResult("pause", target="ratio")
+        resume = OpResult("resume", target="ratio")
+        container = self.docker.containers.container(cid)
+        log(f"pause/resume: {warmup} warm-up + {n} measured cycles")
+        before = self._cpu()
+        pause_cpu = 0.0
+        for i in range(warmup + n):
+            record = i >= warmup
+            t0 = self._cpu()
+            await self.alternate(
+                i,
+                lambda: self.rpc.call("sandbox.pause", {"id": sid}),
+                container.pause,
+                pause,
+                record,
+            )
+            t1 = self._cpu()
+            if t0 is not None and t1 is not None:
+                pause_cpu += t1 - t0
+            await self.alternate(
+                i,
+                lambda: self.rpc.call("sandbox.resume", {"id": sid}),
+                container.unpause,
+                resume,
+                record,
+            )
+        after = self._cpu()
+        if before is not None and after is not None:
+            pause.daemon_cpu_s, pause.daemon_calls = pause_cpu, warmup + n
+            resume.daemon_cpu_s, resume.daemon_calls = after - before - pause_cpu, warmup + n
+        self.results += [pause, resume]
+
+    async def run(self) -> None:
+        args = self.args
+        n_small, n_big, warmup = args.n or 30, args.n or 15, args.warmup
+        if not args.skip_create:
+            pairs = await self.phase_create(n_big, warmup)
+            self.results.append(self.first_stats)
+            await self.phase_remove(pairs, warmup)
+        log("creating the long-lived pair for exec/pause/resume/stats")
+        sid = await self.ours_create()
+        cid = await self.raw_create()
+        await self.phase_simple(
+            "exec true",
+            n_small,
+            warmup,
+            lambda: self.ours_exec(sid, ["true"], 0),
+            lambda: self.raw_exec(cid, ["true"], 0),
+            "ratio",
+        )
+        await self.phase_simple(
+            "exec 1 MiB out",
+            n_small,
+            warmup,
+            lambda: self.ours_exec(sid, ONE_MIB_CMD, MIB),
+            lambda: self.raw_exec(cid, ONE_MIB_CMD, MIB),
+            "ratio",
+        )
+        await self.phase_pause_resume(sid, cid, n_small, warmup)
+        await self.phase_simple(
+            "stats",
+            n_small,
+            warmup,
+            lambda: self.rpc.call("sandbox.stats", {"id": sid}),
+            lambda: self.raw_stats(cid),
+            "stats",
+            note="raw: back-to-back one-shot calls wait for Docker's 1 s stats collector tick",
+        )
+        order = [
+            "create",
+            "exec true",
+            "exec 1 MiB out",
+            "pause",
+            "resume",
+            "stats",
+            "stats (first call)",
+            "remove",
+        ]
+        self.results.sort(key=lambda r: order.index(r.name) if r.name in order else 99)
+
+    # cleanup ---------------------------------------------------------------
+    async def cleanup(self, socket_path: str) -> list[str]:
+        """Remove everything this run made; the problems met, if any."""
+        problems: list[str] = []
+        rpc: RpcClient = self.rpc
+        daemon_ok = True
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                try:
+                    await rpc.call("daemon.ping")
+                except Exception:
+                    await rpc.close()
+                    rpc = await RpcClient.connect(socket_path)
+                listed = await rpc.call("sandbox.list", {"labels": {"bench": self.run_id}})
+                ids = set(self.ours_ids) | {str(s["id"]) for s in listed}
+                for sid in ids:
+                    try:
+                        await rpc.call("sandbox.remove", {"id": sid})
+                    except RpcError as exc:
+                        if exc.code != "not_found":
+                            problems.append(f"sandbox {sid}: {exc}")
+                            daemon_ok = False
+                self.ours_ids.clear()
+        except Exception as exc:
+            daemon_ok = False
+            problems.append(f"removing sandboxes through the daemon failed: {exc!r}")
+        finally:
+            if rpc is not self.rpc:
+                await rpc.close()
+        labels = [f"{BENCH_LABEL}=1"]
+        if not daemon_ok:
+            # Last resort: the daemon cannot remove them, so remove them behind its back.
+            labels.append(f"io.sandboxd.label.bench={self.run_id}")
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                leftovers = set(self.raw_ids)
+                for label in labels:
+                    found = await self.docker.containers.list(all=True, filters={"label": [label]})
+                    leftovers |= {c.id for c in found}
+                for cid in leftovers:
+                    try:
+                        await self.docker.containers.container(cid).delete(force=True, v=True)
+                    except aiodocker.DockerError as exc:
+                        if exc.status != 404:
+                            problems.append(f"container {cid[:12]}: {exc}")
+                self.raw_ids.clear()
+        except Exception as exc:
+            problems.append(f"removing raw containers failed: {exc!r}")
+        return problems
+
+
+def report_table(results: list[OpResult]) -> str:
+    headers = [
+        "operation",
+        "n",
+        "ours p50",
+        "ours p95",
+        "raw p50",
+        "raw p95",
+        "p50 ratio",
+        "p95 ratio",
+        "daemon CPU/call",
+        "target",
+        "met",
+    ]
+    rows = []
+    for r in results:
+        met = r.met()
+        rows.append(
+            [
+                r.name,
+                str(len(r.ours.values)),
+                fmt_ms(r.ours.p50),
+                fmt_ms(r.ours.p95),
+                fmt_ms(r.raw.p50),
+                fmt_ms(r.raw.p95),
+                fmt_ratio(r.ratio_p50),
+                fmt_ratio(r.ratio_p95),
+                fmt_ms(r.daemon_cpu_per_call),
+                r.target_text() or "-",
+                "-" if met is None else ("yes" if met else "NO"),
+            ]
+        )
+    return render_table(headers, rows)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    rpc = await RpcClient.connect(args.socket)
+    docker = aiodocker.Docker()
+    bench = Bench(rpc, docker, args)
+    status = 0
+    started = time.time()
+    try:
+        pong = await rpc.call("daemon.ping")
+        if pong != "pong":
+            raise RuntimeError(f"daemon.ping replied {pong!r}")
+        log(f"run {bench.run_id}: daemon pid {bench.daemon_pid or '?'}")
+        await bench.run()
+    finally:
+        log("cleaning up")
+        problems = await asyncio.shield(bench.cleanup(args.socket))
+        for problem in problems:
+            log(f"cleanup: {problem}")
+        if problems:
+            status = 1
+        await rpc.close()
+        await docker.close()
+    elapsed = time.time() - started
+    print(
+        f"sandboxd vs raw aiodocker, same engine, same run; times in ms; "
+        f"warm-up {args.warmup} per op excluded; {elapsed:.0f} s total"
+    )
+    print(report_table(bench.results))
+    print(
+        "ratio = ours/raw. daemon CPU/call = the daemon's user+sys CPU over the phase "
+        "divided by its calls."
+    )
+    for r in bench.results:
+        if r.note:
+            print(f"  {r.name}: {r.note}")
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "benchmark": "bench_ops",
+                "environment": environment(),
+                "config": {
+                    "socket": args.socket,
+                    "n": args.n,
+                    "warmup": args.warmup,
+                    "image": IMAGE,
+                    "run_id": bench.run_id,
+                    "client": "benchmarks.common.RpcClient (raw msgpack)",
+                    "aiodocker": aiodocker.__version__,
+                },
+                "elapsed_s": round(elapsed, 1),
+                "results": [r.to_json() for r in bench.results],
+            },
+        )
+        print(f"wrote {args.json}")
+    return status
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_ops",
+        description="p50/p95 per operation through sandboxd next to raw aiodocker.",
+    )
+    parser.add_argument("--socket", required=True, help="the running daemon's Unix socket")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="measured iterations per operation (default 30; 15 for create/remove)",
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="warm-up iterations (default 3)")
+    parser.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    parser.add_argument("--skip-create", action="store_true", help="skip create/remove")
+    args = parser.parse_args(argv)
+    if args.n is not None and args.n < 1:
+        parser.error("--n must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    except asyncio.CancelledError:
+        log("terminated")
+        return 143
+    except (RpcError, ConnectionError, FileNotFoundError) as exc:
+        log(f"error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
