@@ -16,6 +16,7 @@ import grp
 import os
 import signal
 import socket
+import sqlite3
 from collections.abc import Callable
 
 import structlog
@@ -25,10 +26,14 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .engine import Engine
 from .methods import App, build_methods
+from .reconcile import EngineWatcher, Reconciler
 from .sandboxes import SandboxManager
 from .server import RpcServer, StartupError, bind_unix_socket
+from .state import StateStore
 
 log = structlog.get_logger("sandboxd.daemon")
+
+STARTUP_SYNC_WAIT = 3.0  # seconds to wait for the engine before serving without it
 
 
 def admin_check(config: Config) -> tuple[int, set[int]]:
@@ -82,12 +87,22 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     engine = Engine(config.engine_url)
-    manager = SandboxManager(engine, config)
+    store = StateStore(config.state_dir)
+    manager = SandboxManager(engine, config, store)
+    try:
+        adopted = await manager.load()
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(f"state_dir {config.state_dir}: {exc}") from None
+    watcher = EngineWatcher(Reconciler(manager, engine, config.instance))
     app = App(config=config, engine=engine, manager=manager)
     dispatcher = Dispatcher(build_methods(app))
     server = RpcServer(dispatcher, max_frame=config.max_frame, is_admin=make_is_admin(config))
     sock, activated = _listener(config)
     path = sock.getsockname() or config.socket
+    watcher.start()
+    # Ready once the engine's view is adopted, or without it when the engine is away.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(watcher.synced.wait(), timeout=STARTUP_SYNC_WAIT)
     await server.start(sock)
     manager.scheduler.start()
     watchdog = loop.create_task(notifier.run_watchdog())
@@ -97,6 +112,8 @@ async def serve(config: Config) -> int:
         socket=path,
         socket_activated=activated,
         pid=os.getpid(),
+        sandboxes=adopted,
+        engine_reachable=watcher.reachable,
     )
     notifier.ready(f"serving on {path}")
 
@@ -110,6 +127,8 @@ async def serve(config: Config) -> int:
     if config.cleanup_on_exit:
         await manager.remove_all()
     await manager.scheduler.stop()
+    await watcher.stop()
+    await store.close()
     watchdog.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watchdog

@@ -239,6 +239,36 @@ class Engine:
             ):
                 pass
 
+    async def events(self, label: str, since: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Follow the engine's container events for containers carrying ``label``.
+
+        Yields each event as a dict; ends (or raises ``EngineUnavailable``)
+        when the engine goes away. No internal queue: a slow consumer only
+        slows the read of this one stream.
+        """
+        params = {"filters": json.dumps({"type": ["container"], "label": [label]})}
+        if since is not None:
+            params["since"] = f"{since:.3f}"
+        with translate("follow engine events"):
+            async with self.docker._query(
+                "events", params=params, timeout=aiohttp.ClientTimeout()
+            ) as response:
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            try:
+                                yield json.loads(line)
+                            except ValueError:
+                                continue
+
+    async def ping(self) -> bool:
+        with translate("answer a ping"):
+            async with self.docker._query("_ping", timeout=aiohttp.ClientTimeout(total=2)):
+                return True
+
     # images -------------------------------------------------------------
     async def image_inspect(self, ref: str) -> dict[str, Any]:
         with translate("inspect the image"):

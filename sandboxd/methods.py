@@ -84,8 +84,8 @@ def build_methods(app: App) -> list[Method]:
     async def resume(ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
         return (await manager.resume(ctx.caller, args["id"])).to_wire()
 
-    def extend(ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
-        return manager.extend(ctx.caller, args["id"], args["ttl"]).to_wire()
+    async def extend(ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
+        return (await manager.extend(ctx.caller, args["id"], args["ttl"])).to_wire()
 
     async def remove(ctx: CallContext, args: dict[str, Any]) -> None:
         await manager.remove(ctx.caller, args["id"])

@@ -10,6 +10,7 @@ or import aiodocker (the engine adapter does that).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from .execs import BufferedExec, ExecRequest
 from .models import Caller, SandboxRecord, container_name
 from .policy import CreateSpec, check_env
 from .scheduler import DeadlineScheduler
+from .state import StateStore
 from .stats import summarize
 from .units import parse_time
 
@@ -59,9 +61,16 @@ def _no_publish(kind: str, record: SandboxRecord | None, data: dict[str, Any]) -
 
 
 class SandboxManager:
-    def __init__(self, engine: Engine, config: Config, publish: Publisher = _no_publish) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        config: Config,
+        store: StateStore,
+        publish: Publisher = _no_publish,
+    ) -> None:
         self.engine = engine
         self.config = config
+        self.store = store
         self.publish = publish
         self._by_id: dict[str, SandboxRecord] = {}
         self._by_name: dict[str, str] = {}
@@ -69,9 +78,41 @@ class SandboxManager:
         self._stats: dict[str, _StatsState] = {}
         self.scheduler = DeadlineScheduler(self._on_deadline)
 
-    # lookup -------------------------------------------------------------
+    # registry -------------------------------------------------------------
     def count(self) -> int:
         return len(self._by_id)
+
+    def records(self) -> list[SandboxRecord]:
+        return list(self._by_id.values())
+
+    def by_id(self, sid: str) -> SandboxRecord | None:
+        return self._by_id.get(sid)
+
+    def busy(self, sid: str) -> bool:
+        """True while a lifecycle call of ours holds the sandbox (it settles the state)."""
+        lock = self._locks.get(sid)
+        return lock is not None and lock.locked()
+
+    async def load(self) -> int:
+        """Take back every sandbox recorded in the state directory; how many."""
+        records = await self.store.open()
+        for record in records:
+            self.register(record)
+        return len(records)
+
+    def register(self, record: SandboxRecord) -> None:
+        """Add a known sandbox (adopted at start-up) and arm its deadline."""
+        record.running_execs = 0
+        self._by_id[record.id] = record
+        self._by_name.setdefault(record.name, record.id)
+        self._rearm(record)
+
+    async def forget_vanished(self, record: SandboxRecord, cause: str) -> None:
+        """The container is gone (removed behind our back, or while we were down)."""
+        self._forget(record)
+        await self.store.delete(record.id)
+        log.info("sandbox_vanished", sandbox_id=record.id, cause=cause)
+        self.publish("sandbox.removed", record, {"cause": cause})
 
     def visible(self, caller: Caller, record: SandboxRecord) -> bool:
         return caller.admin or record.owner_uid == caller.uid
@@ -121,6 +162,7 @@ class SandboxManager:
     def touch(self, record: SandboxRecord) -> None:
         """Record activity (SPEC §3: exec, files, extend, resume)."""
         record.last_activity_at = time.time()
+        self.store.touch(record)
         if record.idle_timeout is not None:
             self._rearm(record)
 
@@ -129,6 +171,10 @@ class SandboxManager:
         if record is None:
             return
         now = time.time()
+        if record.status == lifecycle.CREATING:
+            if not self.busy(sid):  # a create that a crash interrupted
+                await self._remove(record, cause="create_interrupted")
+            return
         reason = None
         if record.expires_at is not None and record.expires_at <= now + 0.001:
             reason = "ttl"
@@ -205,12 +251,14 @@ class SandboxManager:
         self._by_name[name] = sid
         async with self._lock(sid):
             try:
-                record.container_id = await self.engine.create_container(
-                    container_name(sid), container_config(record, spec, self.config)
-                )
+                await self.store.put(record)  # a crash from here on is found at start-up
+                record.container_id = await self._create_container(record, spec)
                 await self.engine.start(record.container_id)
+                record.status = lifecycle.RUNNING
+                record.last_activity_at = time.time()
+                await self.store.put(record)
             except BaseException as exc:
-                await self._discard_failed(record)
+                await asyncio.shield(self._discard_failed(record))
                 if isinstance(exc, NotFound):
                     raise NotFound(
                         f"Image {spec.image!r} is not on this host; build or pull it first "
@@ -218,22 +266,37 @@ class SandboxManager:
                         {"image": spec.image, **(exc.data or {})},
                     ) from None
                 raise
-            record.status = lifecycle.RUNNING
-            record.last_activity_at = time.time()
             self._rearm(record)
         log.info("sandbox_created", sandbox_id=sid, name=name, image=spec.image, owner=caller.uid)
         self.publish("sandbox.created", record, {"image": spec.image})
         return record
 
-    async def _discard_failed(self, record: SandboxRecord) -> None:
-        self._forget(record)
+    async def _create_container(self, record: SandboxRecord, spec: CreateSpec) -> str:
+        """Create the container; a retry after a lost reply finds it by its name."""
+        name = container_name(record.id)
         try:
-            # Removing by name also covers a container whose create reply was lost.
-            await asyncio.shield(
-                self.engine.remove(record.container_id or container_name(record.id))
+            return await self.engine.create_container(
+                name, container_config(record, spec, self.config)
             )
+        except Conflict:
+            existing = await self.engine.inspect(name)  # same id, same name: ours
+            return str(existing["Id"])
+
+    async def _discard_failed(self, record: SandboxRecord) -> None:
+        """Undo a failed create: the container (found by its name, in case the create's
+        reply was lost) and then the record. If the engine cannot remove it, the
+        sandbox stays listed with status ``error`` so it can be removed later."""
+        try:
+            await self.engine.remove(record.container_id or container_name(record.id))
         except SandboxdError as exc:
             log.warning("create_cleanup_failed", sandbox_id=record.id, error=exc.message)
+            record.status = lifecycle.ERROR
+            self.publish("sandbox.error", record, {"error": exc.message})
+            with contextlib.suppress(Exception):
+                await self.store.put(record)
+            return
+        self._forget(record)
+        await self.store.delete(record.id)
 
     def _forget(self, record: SandboxRecord) -> None:
         self._by_id.pop(record.id, None)
@@ -249,6 +312,7 @@ class SandboxManager:
             lifecycle.check("pause", record.status, record.name)
             await self.engine.pause(self._cid(record))
             record.status = lifecycle.PAUSED
+            await self.store.put(record)
         self.publish("sandbox.paused", record, {})
         return record
 
@@ -258,11 +322,13 @@ class SandboxManager:
             lifecycle.check("resume", record.status, record.name)
             await self.engine.unpause(self._cid(record))
             record.status = lifecycle.RUNNING
-            self.touch(record)
+            record.last_activity_at = time.time()
+            await self.store.put(record)
+            self._rearm(record)
         self.publish("sandbox.resumed", record, {})
         return record
 
-    def extend(self, caller: Caller, ref: str, ttl: float) -> SandboxRecord:
+    async def extend(self, caller: Caller, ref: str, ttl: float) -> SandboxRecord:
         record = self.lookup(caller, ref)
         lifecycle.check("extend", record.status, record.name)
         max_ttl = self.config.policy.max_ttl
@@ -271,8 +337,10 @@ class SandboxManager:
                 f"ttl {ttl:g} is over the policy's maximum of {max_ttl:g} seconds.",
                 {"policy": "max_ttl"},
             )
-        record.expires_at = time.time() + ttl if ttl else None
-        self.touch(record)
+        now = time.time()
+        record.expires_at = now + ttl if ttl else None
+        record.last_activity_at = now
+        await self.store.put(record)
         self._rearm(record)
         self.publish("sandbox.extended", record, {"ttl": ttl})
         return record
@@ -285,8 +353,9 @@ class SandboxManager:
         async with self._lock(record.id):
             if self._by_id.get(record.id) is not record:
                 return  # removed meanwhile
-            await self.engine.remove(self._cid(record))
+            await self.engine.remove(record.container_id or container_name(record.id))
             self._forget(record)
+            await self.store.delete(record.id)
         log.info("sandbox_removed", sandbox_id=record.id, cause=cause)
         self.publish("sandbox.removed", record, {"cause": cause})
 
