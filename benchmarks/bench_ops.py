@@ -40,6 +40,7 @@ from .common import (
     environment,
     fmt_ms,
     fmt_ratio,
+    percentile,
     process_cpu_seconds,
     ratio,
     render_table,
@@ -124,6 +125,12 @@ class OpResult:
         return ratio(self.ours.p95, self.raw.p95)
 
     @property
+    def paired_delta(self) -> float:
+        """Median over iterations of (ours - raw): the added time, robust to drift."""
+        diffs = [a - b for a, b in zip(self.ours.values, self.raw.values, strict=True)]
+        return percentile(diffs, 50)
+
+    @property
     def daemon_cpu_per_call(self) -> float:
         if self.daemon_cpu_s is None or not self.daemon_calls:
             return math.nan
@@ -154,6 +161,9 @@ class OpResult:
             "aiodocker": self.raw.summary_ms(),
             "ratio_p50": None if math.isnan(self.ratio_p50) else round(self.ratio_p50, 3),
             "ratio_p95": None if math.isnan(self.ratio_p95) else round(self.ratio_p95, 3),
+            "paired_delta_ms": None
+            if math.isnan(self.paired_delta)
+            else round(self.paired_delta * 1e3, 3),
             "target": self.target_text() or None,
             "target_met": met,
             "daemon_cpu_ms_per_call": None if math.isnan(per_call) else round(per_call * 1e3, 3),
@@ -477,6 +487,13 @@ class Bench:
         return problems
 
 
+def fmt_delta(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    text = fmt_ms(abs(seconds))
+    return f"{'-' if seconds < 0 else '+'}{text}"
+
+
 def report_table(results: list[OpResult]) -> str:
     headers = [
         "operation",
@@ -487,6 +504,7 @@ def report_table(results: list[OpResult]) -> str:
         "raw p95",
         "p50 ratio",
         "p95 ratio",
+        "paired Δ",
         "daemon CPU/call",
         "target",
         "met",
@@ -504,6 +522,7 @@ def report_table(results: list[OpResult]) -> str:
                 fmt_ms(r.raw.p95),
                 fmt_ratio(r.ratio_p50),
                 fmt_ratio(r.ratio_p95),
+                fmt_delta(r.paired_delta),
                 fmt_ms(r.daemon_cpu_per_call),
                 r.target_text() or "-",
                 "-" if met is None else ("yes" if met else "NO"),
@@ -544,8 +563,8 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     print(report_table(bench.results))
     print(
-        "ratio = ours/raw. daemon CPU/call = the daemon's user+sys CPU over the phase "
-        "divided by its calls."
+        "ratio = ours/raw. paired Δ = median over iterations of (ours - raw), ms. "
+        "daemon CPU/call = the daemon's user+sys CPU over the phase divided by its calls."
     )
     for r in bench.results:
         if r.note:
@@ -606,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     except asyncio.CancelledError:
         log("terminated")
         return 143
-    except (RpcError, ConnectionError, FileNotFoundError) as exc:
+    except (RpcError, RuntimeError, OSError, aiodocker.DockerError) as exc:
         log(f"error: {exc}")
         return 1
 

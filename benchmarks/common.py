@@ -45,7 +45,7 @@ class RpcError(Exception):
         self.data = data
 
 
-class RpcConnectionLost(Exception):
+class RpcConnectionLost(ConnectionError):
     """The connection closed while calls were pending."""
 
 
@@ -67,7 +67,12 @@ class RpcClient:
 
     @classmethod
     async def connect(cls, path: str) -> RpcClient:
-        reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK)
+        try:
+            reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK)
+        except OSError as exc:
+            raise ConnectionError(
+                f"cannot connect to {path}: {exc.strerror or exc}; is the daemon running?"
+            ) from None
         return cls(reader, writer)
 
     @property

@@ -36,6 +36,7 @@ from .aio import NotificationHandler, SandboxClient
 from .aio import Sandbox as AsyncSandbox
 from .blocking import Client
 from .blocking import Sandbox as BlockingSandbox
+from .events import Event, EventStream
 from .exceptions import ConnectFailed, UnexpectedReply
 from .models import (
     CallerInfo,
@@ -63,6 +64,8 @@ __all__ = [
     "EngineError",
     "EngineInfo",
     "EngineUnavailable",
+    "Event",
+    "EventStream",
     "ExecResult",
     "InternalError",
     "InvalidParams",

@@ -37,6 +37,7 @@ from sandboxd.protocol import (
 )
 
 from . import models
+from .events import EventStream
 from .exceptions import ConnectFailed, UnexpectedReply
 from .models import DaemonInfo, ExecResult, Stats
 from .paths import default_socket_path
@@ -360,6 +361,29 @@ class SandboxClient:
     async def info(self) -> DaemonInfo:
         """``daemon.info``: version, engine state, counts, and who the caller is."""
         return DaemonInfo.from_wire(await self.call("daemon.info"))
+
+    # -- typed methods: events ----------------------------------------------
+
+    def events(
+        self,
+        types: Sequence[str] | None = None,
+        sandbox: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        since: int | None = None,
+        *,
+        max_buffer: int = 10_000,
+        max_backoff: float = 5.0,
+    ) -> EventStream:
+        """Follow the daemon's events: ``async for ev in client.events(["sandbox.*"]): ...``.
+
+        ``types`` match exactly or by prefix (``"sandbox.*"``); ``sandbox`` is an
+        id or name; ``labels`` must all match; ``since`` replays retained events
+        after that seq first. The stream resubscribes by itself when cut off
+        and reconnects (on new connections) when the connection is lost,
+        without gaps or duplicates; see ``EventStream``.
+        """
+        return EventStream(self, types=types, sandbox=sandbox, labels=labels, since=since,
+                           max_buffer=max_buffer, max_backoff=max_backoff)
 
     # -- typed methods: sandboxes -------------------------------------------
 

@@ -25,6 +25,7 @@ from sandboxd import __version__
 from sandboxd.errors import ConnectionLost, NotFound, SandboxdError
 
 from .aio import SandboxClient
+from .events import Event
 from .models import DaemonInfo, ExecResult, Sandbox, Stats, parse_time
 
 T = TypeVar("T")
@@ -591,6 +592,68 @@ def rm(ctx: click.Context, sandbox_ids: tuple[str, ...], force: bool) -> None:
             click.echo(f"{PROG}: {_error_line(err)}", err=True)
     if failed:
         ctx.exit(1)
+
+
+def _event_value(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("utf-8", "replace")
+    else:
+        text = json.dumps(value, default=_json_default, ensure_ascii=False,
+                          separators=(",", ":"))
+    if not text or any(c.isspace() or c in "\"=" for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def event_line(ev: Event) -> str:
+    """``SEQ TIME TYPE SANDBOX key=value ...``: one readable line per event."""
+    sandbox = ev.sandbox_id or "-"
+    if ev.sandbox_name and ev.sandbox_name != ev.sandbox_id:
+        sandbox = f"{sandbox}({ev.sandbox_name})"
+    pairs = " ".join(f"{k}={_event_value(v)}" for k, v in ev.data.items())
+    return f"{ev.seq} {ev.time} {ev.type} {sandbox}" + (f" {pairs}" if pairs else "")
+
+
+@cli.command()
+@click.option("--type", "types", multiple=True, metavar="TYPE",
+              help="Only this event type, or a prefix like 'sandbox.*' (repeatable).")
+@click.option("--sandbox", "sandbox_id", metavar="ID", help="Only events of this sandbox (ID "
+              "or name).")
+@click.option("--label", "label", multiple=True, metavar="K=V",
+              help="Only events of sandboxes with this label (repeatable; all must match).")
+@click.option("--since", type=click.IntRange(min=0), metavar="SEQ",
+              help="First replay the retained events after SEQ.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@click.pass_context
+def events(ctx: click.Context, types: tuple[str, ...], sandbox_id: str | None,
+           label: tuple[str, ...], since: int | None, as_json: bool) -> None:
+    """Follow the daemon's events until Ctrl-C, one line each: SEQ TIME TYPE SANDBOX DATA.
+
+    A lost connection or a cut-off is repaired by resubscribing from the last
+    event shown, so nothing the daemon still retains is missed or repeated.
+    """
+    labels = _key_values(label, "--label") if label else None
+
+    async def follow(c: SandboxClient) -> bool:
+        stream = c.events(types=list(types) or None, sandbox=sandbox_id, labels=labels,
+                          since=since)
+        async with stream:
+            async for ev in stream:
+                line = (json.dumps(ev.to_dict(), default=_json_default, ensure_ascii=False)
+                        if as_json else event_line(ev))
+                try:
+                    click.echo(line)
+                except BrokenPipeError:
+                    return False  # ``sandboxctl events | head``: the reader is gone
+        return True
+
+    try:
+        if not run(ctx, follow):
+            raise BrokenPipeError  # main() exits quietly
+    except KeyboardInterrupt:
+        ctx.exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

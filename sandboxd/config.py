@@ -65,6 +65,7 @@ class Quota:
 @dataclass
 class EventsConfig:
     retain: int = 10000
+    queue_size: int = 1024  # per subscription; a subscriber this far behind is cut off
 
 
 @dataclass

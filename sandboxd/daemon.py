@@ -18,6 +18,7 @@ import signal
 import socket
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -25,7 +26,11 @@ from . import __version__, systemd
 from .config import Config
 from .dispatcher import Dispatcher
 from .engine import Engine
+from .eventlog import EventLogError
+from .eventmethods import build_event_methods
+from .events import EventBus
 from .methods import App, build_methods
+from .models import SandboxRecord
 from .reconcile import EngineWatcher, Reconciler
 from .sandboxes import SandboxManager
 from .server import RpcServer, StartupError, bind_unix_socket
@@ -88,14 +93,35 @@ async def serve(config: Config) -> int:
 
     engine = Engine(config.engine_url)
     store = StateStore(config.state_dir)
-    manager = SandboxManager(engine, config, store)
+    bus = EventBus(
+        config.state_dir, retain=config.events.retain, queue_size=config.events.queue_size
+    )
+    try:
+        await bus.open()
+    except (OSError, sqlite3.Error, EventLogError) as exc:
+        raise StartupError(f"state_dir {config.state_dir}: {exc}") from None
+
+    def publish(kind: str, record: SandboxRecord | None, data: dict[str, Any]) -> None:
+        if record is None:
+            bus.publish(kind, data=data)
+            return
+        bus.publish(
+            kind,
+            sandbox_id=record.id,
+            sandbox_name=record.name,
+            owner_uid=record.owner_uid,
+            labels=record.labels,
+            data=data,
+        )
+
+    manager = SandboxManager(engine, config, store, publish)
     try:
         adopted = await manager.load()
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"state_dir {config.state_dir}: {exc}") from None
     watcher = EngineWatcher(Reconciler(manager, engine, config.instance))
     app = App(config=config, engine=engine, manager=manager)
-    dispatcher = Dispatcher(build_methods(app))
+    dispatcher = Dispatcher(build_methods(app) + build_event_methods(bus))
     server = RpcServer(dispatcher, max_frame=config.max_frame, is_admin=make_is_admin(config))
     sock, activated = _listener(config)
     path = sock.getsockname() or config.socket
@@ -115,11 +141,16 @@ async def serve(config: Config) -> int:
         sandboxes=adopted,
         engine_reachable=watcher.reachable,
     )
+    bus.publish(
+        "daemon.started",
+        data={"version": __version__, "pid": os.getpid(), "sandboxes": manager.count()},
+    )
     notifier.ready(f"serving on {path}")
 
     await stop.wait()
 
     notifier.stopping(f"stopping: finishing {server.in_flight()} calls")
+    bus.publish("daemon.stopping", data={"in_flight": server.in_flight()})
     log.info("daemon_stopping", in_flight=server.in_flight())
     server.stop_accepting()
     cancelled = await server.drain(config.shutdown_grace)
@@ -129,6 +160,7 @@ async def serve(config: Config) -> int:
     await manager.scheduler.stop()
     await watcher.stop()
     await store.close()
+    await bus.close()
     watchdog.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watchdog

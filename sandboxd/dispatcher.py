@@ -34,6 +34,10 @@ class CallContext(Protocol):
 
     caller: Caller
     log: BoundLog
+
+    def log_request(self, **fields: Any) -> None:
+        """Write the one log line of a request (method, msgid, outcome, ms)."""
+
     closed: bool  # the connection is gone
     on_close: list[Callable[[], None]]  # run once when the connection closes
 
@@ -55,9 +59,10 @@ class Method:
     cancel_on_disconnect: bool = False  # e.g. a buffered exec: nobody will read its result
     during_shutdown: bool = False  # still answered while the daemon stops
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.handler)
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
 
 
 class Dispatcher:
@@ -98,8 +103,7 @@ class Dispatcher:
         return self._ok(ctx, req, result, started)
 
     def _ok(self, ctx: CallContext, req: Request, result: Any, started: float) -> bytes:
-        ctx.log.info(
-            "request",
+        ctx.log_request(
             method=req.method,
             msgid=req.msgid,
             outcome="ok",
@@ -125,5 +129,5 @@ class Dispatcher:
                 {"ref": ref},
             )
         else:
-            ctx.log.info("request", method=req.method, msgid=req.msgid, outcome=exc.code, ms=ms)
+            ctx.log_request(method=req.method, msgid=req.msgid, outcome=exc.code, ms=ms)
         return encode_response(req.msgid, exc.to_wire(), None)

@@ -11,6 +11,7 @@ policy or the wire protocol.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,7 @@ from yarl import URL
 
 from .errors import Conflict, EngineError, EngineUnavailable, NotFound, SandboxdError
 
+DEFAULT_ENGINE_URL = "unix:///var/run/docker.sock"
 _UNREACHABLE_STATUS = 900  # aiodocker's code for a connection failure
 
 
@@ -98,13 +100,20 @@ class Engine:
     """A connection to one Docker Engine."""
 
     def __init__(self, url: str | None = None) -> None:
-        self.url = url
+        # Explicit, so a missing socket at start-up is "unreachable", not a crash.
+        self.url = url or os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE_URL
         self._docker: aiodocker.Docker | None = None
 
     @property
     def docker(self) -> aiodocker.Docker:
         if self._docker is None:
-            self._docker = aiodocker.Docker(url=self.url)
+            try:
+                self._docker = aiodocker.Docker(url=self.url)
+            except ValueError as exc:
+                raise EngineUnavailable(
+                    f"The Docker Engine URL {self.url!r} is not usable: {exc}",
+                    {"engine_message": str(exc)},
+                ) from None
         return self._docker
 
     async def close(self) -> None:
@@ -239,14 +248,17 @@ class Engine:
             ):
                 pass
 
-    async def events(self, label: str, since: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def events(
+        self, label: str, actions: list[str], since: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         """Follow the engine's container events for containers carrying ``label``.
 
         Yields each event as a dict; ends (or raises ``EngineUnavailable``)
         when the engine goes away. No internal queue: a slow consumer only
         slows the read of this one stream.
         """
-        params = {"filters": json.dumps({"type": ["container"], "label": [label]})}
+        filters = {"type": ["container"], "label": [label], "event": actions}
+        params = {"filters": json.dumps(filters)}
         if since is not None:
             params["since"] = f"{since:.3f}"
         with translate("follow engine events"):

@@ -47,6 +47,7 @@ _ENGINE_STATUS = {
     "removing": lifecycle.STOPPED,
 }
 EXTERNAL = {"cause": "external"}
+FOLLOWED_ACTIONS = ["pause", "unpause", "die", "oom", "destroy", "start"]
 
 
 def record_from_container(summary: dict[str, Any]) -> SandboxRecord | None:
@@ -230,7 +231,7 @@ class EngineWatcher:
         log.info("engine_synced", sandboxes=r.manager.count())
         relist = asyncio.get_running_loop().create_task(self._relist_forever())
         try:
-            async for event in r.engine.events(r.label, since=since):
+            async for event in r.engine.events(r.label, FOLLOWED_ACTIONS, since=since):
                 try:
                     await r.on_event(event)
                 except SandboxdError as exc:

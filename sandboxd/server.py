@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from .dispatcher import Dispatcher
+from .logsetup import RequestLog
 from .models import Caller
 from .protocol import (
     BadMessage,
@@ -106,6 +107,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.caller = Caller(uid=-1, gid=-1, pid=0, admin=False)
         self.log: Any = log
+        self.log_request: Callable[..., None] = RequestLog()
         self.tasks: dict[asyncio.Task[None], bool] = {}  # task -> cancel on disconnect
         self.closed = False
         self._can_write = asyncio.Event()
@@ -124,17 +126,26 @@ class Connection(asyncio.Protocol):
             pid, uid, gid = 0, -1, -1
         self.caller = Caller(uid=uid, gid=gid, pid=pid, admin=self.server.is_admin(uid, gid, pid))
         self.log = log.bind(conn=self.id, uid=uid, pid=pid)
+        self.log_request = RequestLog(conn=self.id, uid=uid, pid=pid)
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        replies: list[bytes] = []  # replies of inline calls: one write for the whole read
         for item in self.decoder.feed(data):
             if isinstance(item, Request):
-                self._handle(item)
+                reply = self._handle(item)
+                if reply is not None:
+                    replies.append(reply)
             elif isinstance(item, Notification):
                 self.log.info("notification_ignored", method=item.method)
             elif isinstance(item, BadMessage):
+                if replies:
+                    self.write(b"".join(replies))
+                    replies = []
                 self._bad(item)
             # A Response matches no request of ours: ignored (SPEC §2).
+        if replies:
+            self.write(replies[0] if len(replies) == 1 else b"".join(replies))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -172,11 +183,11 @@ class Connection(asyncio.Protocol):
             self.log.warning("client_not_reading", buffered=self.transport.get_write_buffer_size())
             self.transport.abort()
 
-    def _handle(self, req: Request) -> None:
+    def _handle(self, req: Request) -> bytes | None:
+        """The reply of an inline call, or None when a task will write it."""
         reply = self.server.dispatcher.dispatch(self, req)
         if isinstance(reply, bytes):
-            self.write(reply)
-            return
+            return reply
         method = self.server.dispatcher.method(req.method)
         cancel = bool(method and method.cancel_on_disconnect)
         task = asyncio.get_running_loop().create_task(self._finish(reply))
@@ -186,6 +197,7 @@ class Connection(asyncio.Protocol):
         if len(self.tasks) >= MAX_IN_FLIGHT and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
+        return None
 
     async def _finish(self, reply: Awaitable[bytes]) -> None:
         self.write(await reply)

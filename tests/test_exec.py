@@ -319,6 +319,14 @@ async def test_output_exactly_at_max_output_is_not_truncated(make_sandbox: MakeS
     assert r.truncated is True and len(r.stdout) <= 4096
 
 
+async def test_default_max_output_is_one_mib(make_sandbox: MakeSandbox) -> None:
+    sb = await make_sandbox()
+    r = await sb.exec(["head", "-c", str(1 << 20), "/dev/zero"])
+    assert (r.truncated, len(r.stdout)) == (False, 1 << 20)
+    r = await sb.exec(["head", "-c", str((1 << 20) + 1), "/dev/zero"])
+    assert r.truncated is True and len(r.stdout) <= 1 << 20
+
+
 # -- env, workdir, user -------------------------------------------------------
 
 

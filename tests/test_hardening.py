@@ -190,7 +190,8 @@ async def test_policy_can_allow_a_network_and_capabilities(
     spawn_daemon: Callable[..., Daemon],
 ) -> None:
     d = spawn_daemon(
-        config='[policy]\nnetworks = ["none", "bridge"]\ncap_add = ["NET_BIND_SERVICE"]\n'
+        config='[policy]\nnetworks = ["none", "bridge"]\ncap_add = ["NET_BIND_SERVICE"]\n',
+        env={"SANDBOXD_INSTANCE": f"hardening-{os.getpid()}"},  # keep off the session's
     )
     async with SandboxClient(d.socket) as c:
         made: list[str] = []
