@@ -8,7 +8,12 @@ subscriptions: their filters, the one visibility rule (``visible``), the
 replay of ``since`` with no gap and no duplicate against live events, the
 bounded per-subscription queue, the per-subscription sender task that
 writes ``event`` notifications and honours the connection's back-pressure,
-and the ``events.lagged`` cut-off of a subscriber that cannot keep up.
+and the ``events.lagged`` cut-off of a subscriber that cannot keep up: one
+whose queue holds ``queue_size`` events while its connection is not
+draining (the client is not reading). A burst of events the daemon makes in
+one loop turn never cuts off a reader that keeps up; its queue may then
+briefly hold up to ``max(queue_size, retain)`` events (references to the
+retained ones, not copies).
 
 An event reaches a subscriber only once it is committed to the log, so a
 seq a client has seen is never handed out again after a crash.
@@ -45,7 +50,7 @@ log = structlog.get_logger("sandboxd.events")
 DEFAULT_RETAIN = 10_000
 DEFAULT_QUEUE_SIZE = 1024
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 256
-SEND_BATCH = 512  # events written before the sender waits for the connection to drain
+SEND_BATCH = 128  # events written per turn before the sender checks back-pressure
 
 
 def visible(caller: Caller, owner_uid: int | None) -> bool:
@@ -145,6 +150,7 @@ class Subscription:
         self.replay = replay  # retained events owed from ``since``, sent before ``queue``
         self.queue: deque[StoredEvent] = deque()  # live events not yet written
         self.sent = 0
+        self.blocked = False  # waiting for the client to read what was written
         self._waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -193,7 +199,11 @@ class Subscription:
                 for event in batch:
                     ctx.notify("event", [self.id, event.wire])
                 self.sent += len(batch)
-                await ctx.drain()
+                self.blocked = True
+                try:
+                    await ctx.drain()
+                finally:
+                    self.blocked = False
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -212,6 +222,9 @@ class EventBus:
     ) -> None:
         self.retain = max(0, retain)
         self.queue_size = max(1, queue_size)
+        # A burst the daemon makes within one loop turn may outgrow queue_size for a
+        # subscriber that keeps up (its sender has had no turn yet); only up to this.
+        self._hard_cap = max(self.queue_size, self.retain)
         self._log = EventLog(state_dir, self.retain)
         self._retained: deque[StoredEvent] = deque(maxlen=self.retain)
         self._last_seq = 0
@@ -322,10 +335,11 @@ class EventBus:
             self._flush_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._flush)
-        queue_size = self.queue_size
+        queue_size, hard_cap = self.queue_size, self._hard_cap
         for sub in list(self._subs.values()):
             if sub.wants(event):
-                if len(sub.queue) >= queue_size:
+                backlog = len(sub.queue)
+                if backlog >= queue_size and (sub.blocked or backlog >= hard_cap):
                     self._lagged(sub)
                 else:
                     sub.queue.append(event)

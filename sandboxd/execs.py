@@ -19,7 +19,7 @@ import structlog
 
 from .demux import STDERR, Demuxer
 from .engine import Engine, ExecStream
-from .errors import DeadlineExceeded
+from .errors import Conflict, DeadlineExceeded, SandboxdError
 from .output import OutputCapture
 from .proctree import MARKER_VAR, kill_exec_tree
 
@@ -84,6 +84,14 @@ class BufferedExec:
         self.stdout = OutputCapture(request.max_output)
         self.stderr = OutputCapture(request.max_output)
         self._demux = Demuxer()
+        self._stream: ExecStream | None = None
+        self.aborted: str | None = None
+
+    def abort(self, reason: str) -> None:
+        """End the run now (its sandbox is being removed); ``run`` raises ``Conflict``."""
+        self.aborted = reason
+        if self._stream is not None:
+            asyncio.get_running_loop().create_task(self._stream.close())
 
     async def _pump(self, stream: ExecStream) -> None:
         demux, out, err = self._demux, self.stdout, self.stderr
@@ -100,6 +108,14 @@ class BufferedExec:
             pass  # the process exited or closed its stdin: the rest of the input is moot
 
     async def run(self) -> dict[str, Any]:
+        try:
+            return await self._run()
+        except SandboxdError:
+            if self.aborted:
+                raise Conflict(self.aborted, {"status": "removed"}) from None
+            raise
+
+    async def _run(self) -> dict[str, Any]:
         req = self.request
         started = time.monotonic()
         env = [f"{k}={v}" for k, v in req.env.items()] + [f"{MARKER_VAR}={self.marker}"]
@@ -112,7 +128,7 @@ class BufferedExec:
             stdin=req.stdin is not None,
             tty=False,
         )
-        stream = await self.engine.exec_start(exec_id, tty=False)
+        stream = self._stream = await self.engine.exec_start(exec_id, tty=False)
         timed_out = False
         feeder: asyncio.Task[None] | None = None
         try:
@@ -137,6 +153,8 @@ class BufferedExec:
             if feeder is not None:
                 feeder.cancel()
             await stream.close()
+        if self.aborted:
+            raise Conflict(self.aborted, {"status": "removed"})
         exit_code = await wait_exit_code(self.engine, exec_id)
         return {
             "exit_code": exit_code,

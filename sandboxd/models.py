@@ -16,6 +16,9 @@ LABEL_NAME = "io.sandboxd.name"
 LABEL_OWNER = "io.sandboxd.owner"
 LABEL_CREATED_AT = "io.sandboxd.created_at"
 LABEL_INSTANCE = "io.sandboxd.instance"
+# The deadline and idle timeout as created; later changes live in the state directory.
+LABEL_EXPIRES_AT = "io.sandboxd.expires_at"
+LABEL_IDLE_TIMEOUT = "io.sandboxd.idle_timeout"
 LABEL_USER_PREFIX = "io.sandboxd.label."
 CONTAINER_PREFIX = "sandboxd-"
 
@@ -66,6 +69,10 @@ class SandboxRecord:
             LABEL_OWNER: f"{self.owner_uid}:{self.owner_gid}",
             LABEL_CREATED_AT: format_time(self.created_at),
         }
+        if self.expires_at is not None:
+            labels[LABEL_EXPIRES_AT] = format_time(self.expires_at)
+        if self.idle_timeout is not None:
+            labels[LABEL_IDLE_TIMEOUT] = repr(self.idle_timeout)
         for key, value in self.labels.items():
             labels[LABEL_USER_PREFIX + key] = value
         return labels

@@ -22,9 +22,12 @@ class OutputCapture:
         self._tail = bytearray()
         # Room reserved for the marker so head + marker + tail stays within the limit.
         reserve = len(_marker(2**63))
-        usable = max(0, self.limit - reserve)
-        self._head_cap = usable // 2
-        self._tail_cap = usable - self._head_cap
+        if self.limit <= reserve + 2:  # too small for a marker: keep the head alone
+            self._head_cap, self._tail_cap = self.limit, 0
+        else:
+            usable = self.limit - reserve
+            self._head_cap = usable // 2
+            self._tail_cap = usable - self._head_cap
 
     def append(self, data: bytes) -> None:
         self.total += len(data)
@@ -51,7 +54,9 @@ class OutputCapture:
     def result(self) -> bytes:
         if not self.truncated:
             return bytes(self._head)
-        tail = bytes(self._tail[-self._tail_cap :]) if self._tail_cap else b""
+        if self._tail_cap == 0:
+            return bytes(self._head[: self.limit])
+        tail = bytes(self._tail[-self._tail_cap :])
         omitted = self.total - len(self._head) - len(tail)
         out = bytes(self._head) + _marker(omitted) + tail
         return out[: self.limit] if len(out) > self.limit else out

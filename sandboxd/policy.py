@@ -13,7 +13,7 @@ import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Config
 from .errors import InvalidParams, PermissionDenied
@@ -24,6 +24,9 @@ LABEL_KEY_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_./-]{0,127}$")
 ENV_KEY_RE = re.compile(r"^[^=\0]{1,256}$")
 MIN_MEMORY = 6 * 1024 * 1024  # the engine refuses less
 FORBIDDEN_NETWORKS = ("host",)
+
+
+_N = TypeVar("_N", int, float)
 
 
 @dataclass
@@ -72,6 +75,10 @@ def check_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _within(default: _N, maximum: _N | None) -> _N:
+    return default if maximum is None or default <= maximum else maximum
+
+
 def _deny(reason: str, what: str) -> PermissionDenied:
     return PermissionDenied(reason, {"policy": what})
 
@@ -99,7 +106,8 @@ def resolve_create(args: dict[str, Any], config: Config) -> CreateSpec:
     if not image_allowed(image, p.images):
         raise _deny(f"Image {image!r} is not allowed by the policy.", "images")
 
-    memory = args.get("memory", d.memory)
+    # An omitted argument takes its default, held within the policy's maximum.
+    memory = args.get("memory", _within(d.memory, p.max_memory))
     if memory < MIN_MEMORY:
         raise InvalidParams(
             f"memory must be at least 6m, got {memory} bytes.", {"argument": "memory"}
@@ -109,7 +117,7 @@ def resolve_create(args: dict[str, Any], config: Config) -> CreateSpec:
             f"memory {memory} bytes is over the policy's maximum of {p.max_memory}.", "max_memory"
         )
 
-    cpus = args.get("cpus", d.cpus)
+    cpus = args.get("cpus", _within(d.cpus, p.max_cpus))
     host_cpus = os.cpu_count() or 1
     if not 0.01 <= cpus <= host_cpus:
         raise InvalidParams(
@@ -119,13 +127,14 @@ def resolve_create(args: dict[str, Any], config: Config) -> CreateSpec:
     if p.max_cpus is not None and cpus > p.max_cpus:
         raise _deny(f"cpus {cpus:g} is over the policy's maximum of {p.max_cpus:g}.", "max_cpus")
 
-    pids = args.get("pids", d.pids)
+    pids = args.get("pids", _within(d.pids, p.max_pids))
     if pids < 1:
         raise InvalidParams("pids must be at least 1.", {"argument": "pids"})
     if p.max_pids is not None and pids > p.max_pids:
         raise _deny(f"pids {pids} is over the policy's maximum of {p.max_pids}.", "max_pids")
 
-    ttl = args.get("ttl", d.ttl)
+    default_ttl = d.ttl if d.ttl or p.max_ttl is None else p.max_ttl  # 0: never expires
+    ttl = args.get("ttl", _within(default_ttl, p.max_ttl))
     if p.max_ttl is not None and (ttl == 0 or ttl > p.max_ttl):
         raise _deny(
             f"ttl {ttl:g} is not allowed: the policy's maximum is {p.max_ttl:g} seconds"

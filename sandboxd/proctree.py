@@ -2,9 +2,13 @@
 
 The Docker Engine cannot kill an exec, so the daemon does: it finds the
 exec's process (the host pid from the exec's inspect), every descendant of
-it, and every process in the same container whose environment carries the
-exec's marker variable (which catches children that were re-parented to the
-container's init or that started a new session). Each round stops (SIGSTOP)
+it, every process still in the exec's session (the engine starts each exec
+as a session leader, so a double-forked child re-parented to the container's
+init is found even when it cleared its environment), and every process in
+the same container whose environment carries the exec's marker variable
+(which catches children that started a new session). Only a process that
+both starts a new session and clears its environment after being orphaned
+escapes. Each round stops (SIGSTOP)
 what it finds so nothing can fork away, until a round finds nothing new;
 then all get SIGKILL. Blocking file reads: call it in a thread. It must not
 touch processes outside the exec's container pid namespace.
@@ -27,9 +31,9 @@ def _pid_namespace(pid: int) -> str | None:
         return None
 
 
-def _parent_map(namespace: str) -> dict[int, int]:
-    """pid -> ppid for every process in ``namespace``."""
-    parents: dict[int, int] = {}
+def _parent_map(namespace: str) -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, session id) for every process in ``namespace``."""
+    parents: dict[int, tuple[int, int]] = {}
     for entry in os.scandir(PROC):
         if not entry.name.isdigit():
             continue
@@ -41,7 +45,7 @@ def _parent_map(namespace: str) -> dict[int, int]:
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2 :].split()
-        parents[pid] = int(fields[1])
+        parents[pid] = (int(fields[1]), int(fields[3]))
     return parents
 
 
@@ -52,13 +56,15 @@ def _has_marker(pid: int, marker: bytes) -> bool:
         return False
 
 
-def _find(root: int, parents: dict[int, int], marker: bytes) -> set[int]:
+def _find(root: int, parents: dict[int, tuple[int, int]], marker: bytes) -> set[int]:
     found = {root} if root in parents else set()
+    if root > 0:
+        found |= {pid for pid, (_, sid) in parents.items() if sid == root}
     found |= {pid for pid in parents if _has_marker(pid, marker)}
     changed = True
     while changed:
         changed = False
-        for pid, ppid in parents.items():
+        for pid, (ppid, _) in parents.items():
             if ppid in found and pid not in found:
                 found.add(pid)
                 changed = True

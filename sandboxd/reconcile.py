@@ -23,7 +23,9 @@ from .engine import Engine
 from .errors import SandboxdError
 from .models import (
     LABEL_CREATED_AT,
+    LABEL_EXPIRES_AT,
     LABEL_ID,
+    LABEL_IDLE_TIMEOUT,
     LABEL_INSTANCE,
     LABEL_NAME,
     LABEL_OWNER,
@@ -61,6 +63,8 @@ def record_from_container(summary: dict[str, Any]) -> SandboxRecord | None:
         created = (
             parse_time(labels[LABEL_CREATED_AT]) if LABEL_CREATED_AT in labels else time.time()
         )
+        expires = parse_time(labels[LABEL_EXPIRES_AT]) if LABEL_EXPIRES_AT in labels else None
+        idle = float(labels[LABEL_IDLE_TIMEOUT]) if LABEL_IDLE_TIMEOUT in labels else None
     except ValueError:
         return None
     host = summary.get("HostConfig") or {}
@@ -82,6 +86,8 @@ def record_from_container(summary: dict[str, Any]) -> SandboxRecord | None:
             if k.startswith(LABEL_USER_PREFIX)
         },
         status=_ENGINE_STATUS.get(str(summary.get("State")), lifecycle.ERROR),
+        expires_at=expires,
+        idle_timeout=idle,
         last_activity_at=time.time(),
         container_id=str(summary.get("Id")),
     )

@@ -76,6 +76,7 @@ class SandboxManager:
         self._by_name: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._stats: dict[str, _StatsState] = {}
+        self._execs: dict[str, set[BufferedExec]] = {}  # running buffered execs per sandbox
         self.scheduler = DeadlineScheduler(self._on_deadline)
 
     # registry -------------------------------------------------------------
@@ -304,6 +305,8 @@ class SandboxManager:
             del self._by_name[record.name]
         self._locks.pop(record.id, None)
         self._stats.pop(record.id, None)
+        for runner in self._execs.pop(record.id, ()):
+            runner.abort(f"Sandbox '{record.name}' was removed while the command was running.")
         self.scheduler.set(record.id, None)
 
     async def pause(self, caller: Caller, ref: str) -> SandboxRecord:
@@ -438,14 +441,18 @@ class SandboxManager:
             max_output=min(args.get("max_output", self.config.defaults.max_output), policy_cap),
         )
         runner = BufferedExec(self.engine, self._cid(record), request)
+        running = self._execs.setdefault(record.id, set())
+        running.add(runner)
         record.running_execs += 1
         self.touch(record)
         self.publish("exec.started", record, {"cmd": request.cmd})
         try:
             result = await runner.run()
         finally:
+            running.discard(runner)
             record.running_execs -= 1
-            self.touch(record)
+            if record.id in self._by_id:
+                self.touch(record)
         self.publish(
             "exec.exited",
             record,

@@ -237,12 +237,6 @@ async def test_timeout_kills_everything_the_command_started(make_sandbox: MakeSa
     assert running(await process_list(sb), "sleep infinity")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (daemon, proctree): a double-forked child that cleared its environment "
-    "(env -i) is re-parented to the container's init and carries no exec marker, so the "
-    "timeout kill misses it (SPEC §3: the process and everything it started are killed).",
-)
 async def test_timeout_kills_a_double_forked_child_with_a_cleared_environment(
     make_sandbox: MakeSandbox,
 ) -> None:

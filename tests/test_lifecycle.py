@@ -220,3 +220,17 @@ async def test_policy_and_quota(spawn_daemon: object) -> None:
                 await sb.extend(600)
         finally:
             await sb.remove()
+
+
+async def test_remove_during_an_exec_ends_the_exec_with_conflict(
+    make_sandbox: MakeSandbox, client: SandboxClient
+) -> None:
+    sb = await make_sandbox()
+    running = asyncio.create_task(sb.exec(["sleep", "30"], stdin=b"x" * 1024 * 1024, timeout=60))
+    deadline = time.monotonic() + 10
+    while "sleep 30" not in (await sb.exec(["ps"])).stdout.decode():
+        assert time.monotonic() < deadline, "the exec never started"
+        await asyncio.sleep(0.05)
+    await sb.remove()
+    with pytest.raises(Conflict, match="removed while the command was running"):
+        await asyncio.wait_for(running, 20)
