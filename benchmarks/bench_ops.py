@@ -114,6 +114,8 @@ class OpResult:
     target: str = ""
     daemon_cpu_s: float | None = None  # daemon CPU seconds over the phase
     daemon_calls: int = 0  # calls the daemon served in the phase (warm-up included)
+    raw_cpu_s: float = 0.0  # this process's CPU during the raw calls (aiodocker's work)
+    raw_calls: int = 0
     note: str = ""
 
     @property
@@ -135,6 +137,10 @@ class OpResult:
         if self.daemon_cpu_s is None or not self.daemon_calls:
             return math.nan
         return self.daemon_cpu_s / self.daemon_calls
+
+    @property
+    def raw_cpu_per_call(self) -> float:
+        return self.raw_cpu_s / self.raw_calls if self.raw_calls else math.nan
 
     def met(self) -> bool | None:
         if not self.ours.values:
@@ -167,6 +173,9 @@ class OpResult:
             "target": self.target_text() or None,
             "target_met": met,
             "daemon_cpu_ms_per_call": None if math.isnan(per_call) else round(per_call * 1e3, 3),
+            "raw_client_cpu_ms_per_call": None
+            if math.isnan(self.raw_cpu_per_call)
+            else round(self.raw_cpu_per_call * 1e3, 3),
             "note": self.note or None,
         }
 
@@ -175,6 +184,13 @@ async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     started = time.perf_counter()
     result = await fn()
     return time.perf_counter() - started, result
+
+
+async def timed_cpu(fn: Callable[[], Awaitable[Any]]) -> tuple[float, float, Any]:
+    """(wall seconds, this process's CPU seconds, result) of one call."""
+    cpu = time.process_time()
+    wall, result = await timed(fn)
+    return wall, time.process_time() - cpu, result
 
 
 class Bench:
@@ -283,10 +299,12 @@ class Bench:
         """Run both sides once, ours first on even iterations, raw first on odd ones."""
         if i % 2 == 0:
             t_ours, r_ours = await timed(ours)
-            t_raw, r_raw = await timed(raw)
+            t_raw, c_raw, r_raw = await timed_cpu(raw)
         else:
-            t_raw, r_raw = await timed(raw)
+            t_raw, c_raw, r_raw = await timed_cpu(raw)
             t_ours, r_ours = await timed(ours)
+        op.raw_cpu_s += c_raw
+        op.raw_calls += 1
         if record:
             op.ours.add(t_ours)
             op.raw.add(t_raw)
@@ -506,6 +524,7 @@ def report_table(results: list[OpResult]) -> str:
         "p95 ratio",
         "paired Δ",
         "daemon CPU/call",
+        "raw CPU/call",
         "target",
         "met",
     ]
@@ -524,6 +543,7 @@ def report_table(results: list[OpResult]) -> str:
                 fmt_ratio(r.ratio_p95),
                 fmt_delta(r.paired_delta),
                 fmt_ms(r.daemon_cpu_per_call),
+                fmt_ms(r.raw_cpu_per_call),
                 r.target_text() or "-",
                 "-" if met is None else ("yes" if met else "NO"),
             ]
@@ -563,8 +583,9 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     print(report_table(bench.results))
     print(
-        "ratio = ours/raw. paired Δ = median over iterations of (ours - raw), ms. "
-        "daemon CPU/call = the daemon's user+sys CPU over the phase divided by its calls."
+        "ratio = ours/raw. paired Δ = median over iterations of (ours - raw), ms.\n"
+        "daemon CPU/call = the daemon's CPU over the phase / its calls (10 ms ticks: coarse); "
+        "raw CPU/call = this process's CPU during the raw calls (aiodocker's own work)."
     )
     for r in bench.results:
         if r.note:
@@ -577,7 +598,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 "environment": environment(),
                 "config": {
                     "socket": args.socket,
-                    "n": args.n,
+                    "n": args.n or 30,
+                    "n_create_remove": args.n or 15,
                     "warmup": args.warmup,
                     "image": IMAGE,
                     "run_id": bench.run_id,

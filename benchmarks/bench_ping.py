@@ -322,7 +322,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "bare µs/call",
         "daemon CPU",
         "bare CPU",
-        "client CPU",
+        "client CPU s/b",
     ]
     rows = []
     results: list[dict[str, Any]] = []
@@ -345,7 +345,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 f"{1e6 / bare:.1f}" if bare else "-",
                 fmt_cpu([m.server_cpu for m in ours_runs]),
                 fmt_cpu([m.server_cpu for m in bare_runs]),
-                fmt_cpu([m.client_cpu for m in ours_runs + bare_runs]),
+                fmt_cpu([m.client_cpu for m in ours_runs])
+                + "/"
+                + fmt_cpu([m.client_cpu for m in bare_runs]),
             ]
         )
         results.append(
@@ -365,8 +367,8 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     print(render_table(headers, rows))
     print(
-        "ratio = sandboxd/bare (higher is better). CPU = share of one core during the "
-        "window (the client drives both servers)."
+        "ratio = sandboxd/bare (higher is better). CPU = median share of one core during "
+        "the window; client CPU s/b = this process while driving sandboxd / bare."
     )
     errors = sum(m.errors for m in runs)
     if errors:

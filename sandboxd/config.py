@@ -103,6 +103,8 @@ class Config:
     max_frame: int = 16 * MIB
     shutdown_grace: float = 10.0
     cleanup_on_exit: bool = False
+    create_grace: float = 30.0  # a container created but never started is removed after this
+    relist_interval: float = 30.0  # how often the engine's containers are re-listed
     log_level: str = "info"
     log_format: str = "auto"  # auto, json or console
     defaults: Defaults = field(default_factory=Defaults)

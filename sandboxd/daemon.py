@@ -119,7 +119,10 @@ async def serve(config: Config) -> int:
         adopted = await manager.load()
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"state_dir {config.state_dir}: {exc}") from None
-    watcher = EngineWatcher(Reconciler(manager, engine, config.instance))
+    watcher = EngineWatcher(
+        Reconciler(manager, engine, config.instance, config.create_grace),
+        relist_interval=config.relist_interval,
+    )
     app = App(config=config, engine=engine, manager=manager)
     dispatcher = Dispatcher(build_methods(app) + build_event_methods(bus))
     server = RpcServer(dispatcher, max_frame=config.max_frame, is_admin=make_is_admin(config))

@@ -1,14 +1,20 @@
 """The durable event log: ``<state_dir>/events.db``, the events that outlive the process.
 
 Owns the on-disk form of the event stream (SPEC §3 "events"): one SQLite
-database in WAL mode with ``synchronous=NORMAL`` (a commit survives SIGKILL
-of the daemon; only a power loss may take the last few), the table of the
-retained events, the highest sequence number ever handed out (kept apart
-from the rows, so pruning can never make ``seq`` go back), and pruning to
-the last ``retain`` events. Every method is blocking and must be called
-from one and the same thread (the bus runs them on its own writer thread):
-it must not touch the event loop, know about subscribers, or decide what an
-event means.
+database in WAL mode with ``synchronous=NORMAL`` (a commit is a write into
+the WAL, no fsync: it survives SIGKILL of the daemon; only a power loss may
+take the last few), the table of the retained events, the highest sequence
+number ever handed out (so pruning can never make ``seq`` go back), and
+pruning to the last ``retain`` events.
+
+Appends are cheap enough (tens of microseconds) to run on the event loop,
+once per loop turn; what is slow and fsyncs — copying the WAL back into
+the database — never happens there: automatic checkpoints are off and
+``checkpoint()`` runs on a second connection, from another thread, while
+appends go on. ``open``, ``append`` and ``close`` must not run at the same
+time as each other (the bus calls them from one thread at a time). It must
+not touch the event loop, know about subscribers, or decide what an event
+means.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,13 +66,20 @@ def _unpack_map(blob: bytes | None) -> dict[str, Any]:
 
 
 class EventLog:
-    """The SQLite file behind the bus. Not thread-safe: one thread only."""
+    """The SQLite file behind the bus."""
 
     def __init__(self, state_dir: str, retain: int) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, DB_NAME)
         self.retain = max(0, retain)
+        # Rows beyond ``retain`` are deleted every this many seqs, not on every commit
+        # (each delete dirties a page): the file holds at most retain + prune_every rows.
+        self.prune_every = max(64, self.retain // 100)
         self._db: sqlite3.Connection | None = None
+        self._pruned_at = 0
+        self._last_seq = 0
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_db: sqlite3.Connection | None = None
 
     def open(self) -> tuple[list[StoredEvent], int]:
         """Create or open the log; the retained events (oldest first) and the last seq."""
@@ -73,7 +87,8 @@ class EventLog:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
             if not os.path.exists(self.path):
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            db = sqlite3.connect(self.path, isolation_level=None)
+            # Opened on one thread, written from another (never at once): allowed.
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except OSError as exc:
             raise EventLogError(
                 f"cannot create the event log {self.path}: {exc.strerror or exc}"
@@ -83,6 +98,7 @@ class EventLog:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint() does it, off the loop
             db.execute(
                 "CREATE TABLE IF NOT EXISTS events ("
                 " seq INTEGER PRIMARY KEY,"
@@ -107,7 +123,9 @@ class EventLog:
                 (last_seq - self.retain,),
             ).fetchall()
             self._db = db
+            self._last_seq = last_seq
             self._prune(last_seq)
+            self._save_last_seq(last_seq)
         except (sqlite3.Error, ValueError) as exc:
             db.close()
             raise EventLogError(
@@ -130,11 +148,12 @@ class EventLog:
         return events, last_seq
 
     def append(self, events: Sequence[StoredEvent]) -> None:
-        """Write ``events`` (ascending seq) and prune, in one transaction."""
+        """Write ``events`` (ascending seq) in one transaction, pruning now and then."""
         if not events:
             return
         db = self._require()
         last_seq = events[-1].seq
+        keep_from = last_seq - self.retain
         try:
             db.execute("BEGIN")
             if self.retain:
@@ -154,28 +173,59 @@ class EventLog:
                             _pack(e.data) if e.data else None,
                         )
                         for e in events
-                        if e.seq > last_seq - self.retain
+                        if e.seq > keep_from
                     ],
                 )
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?)", (last_seq,)
-            )
-            self._prune(last_seq)
+            else:
+                self._save_last_seq(last_seq)  # no row holds it
+            if last_seq - self._pruned_at >= self.prune_every:
+                self._prune(last_seq)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise EventLogError(f"cannot write the event log {self.path}: {exc}") from None
+        self._last_seq = last_seq
+
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database (fsyncs); from any one thread at a time.
+
+        Passive: it never blocks ``append``, which may run meanwhile.
+        """
+        with self._ckpt_lock:
+            try:
+                if self._ckpt_db is None:
+                    self._ckpt_db = sqlite3.connect(
+                        self.path, isolation_level=None, check_same_thread=False
+                    )
+                self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                raise EventLogError(f"cannot checkpoint the event log {self.path}: {exc}") from None
 
     def close(self) -> None:
+        with self._ckpt_lock:
+            ckpt, self._ckpt_db = self._ckpt_db, None
+            if ckpt is not None:
+                ckpt.close()
         db, self._db = self._db, None
         if db is not None:
             with contextlib.suppress(sqlite3.Error):
+                self._db = db
+                self._prune(self._last_seq)
+                self._save_last_seq(self._last_seq)
+                self._db = None
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db = None
             db.close()
+
+    def _save_last_seq(self, last_seq: int) -> None:
+        self._require().execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?)", (last_seq,)
+        )
 
     def _prune(self, last_seq: int) -> None:
         self._require().execute("DELETE FROM events WHERE seq <= ?", (last_seq - self.retain,))
+        self._pruned_at = last_seq
 
     def _require(self) -> sqlite3.Connection:
         if self._db is None:

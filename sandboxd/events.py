@@ -1,22 +1,24 @@
 """The event bus: sequence numbers, retention, filters, visibility and fan-out (SPEC §3 events).
 
-Owns the one ordered stream of daemon events: ``publish`` gives each event
-the next ``seq``, keeps the last ``retain`` of them in memory for replay and
-hands them to ``eventlog`` (batched once per event-loop turn, written on the
-bus's own writer thread, so the event loop never waits on the disk). It owns
-subscriptions: their filters, the one visibility rule (``visible``), the
-replay of ``since`` with no gap and no duplicate against live events, the
-bounded per-subscription queue, the per-subscription sender task that
-writes ``event`` notifications and honours the connection's back-pressure,
-and the ``events.lagged`` cut-off of a subscriber that cannot keep up: one
-whose queue holds ``queue_size`` events while its connection is not
-draining (the client is not reading). A burst of events the daemon makes in
-one loop turn never cuts off a reader that keeps up; its queue may then
-briefly hold up to ``max(queue_size, retain)`` events (references to the
-retained ones, not copies).
+Owns the one ordered stream of daemon events. ``publish`` gives each event
+the next ``seq``, keeps the last ``retain`` of them in memory for replay,
+and commits them to ``eventlog`` once per event-loop turn (one small WAL
+write, no fsync; the fsyncing checkpoints run on the bus's own thread, so
+the loop never waits on a disk flush). An event reaches subscribers only
+once committed, so a seq a client has seen is never handed out again after
+a crash (should the disk refuse the write, delivery goes on and the write
+is retried with the next batch).
 
-An event reaches a subscriber only once it is committed to the log, so a
-seq a client has seen is never handed out again after a crash.
+It owns subscriptions: their filters, the one visibility rule
+(``visible``), the replay of ``since`` with no gap and no duplicate against
+live events, the bounded per-subscription queue, the per-subscription
+sender task that writes ``event`` notifications and honours the
+connection's back-pressure, and the ``events.lagged`` cut-off of a
+subscriber that cannot keep up: one whose queue holds ``queue_size`` events
+while its connection is not draining (the client is not reading). A burst
+the daemon makes within one loop turn never cuts off a reader that keeps
+up; its queue may then briefly hold up to ``max(queue_size, retain)``
+events (references to the retained ones, not copies).
 
 It must not know what an event means (the publishers decide that), parse
 wire arguments (``eventmethods`` does), or ever make ``publish`` wait.
@@ -34,14 +36,14 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import msgpack
 import structlog
 
 from .dispatcher import CallContext
 from .errors import NotFound, QuotaExceeded, ShuttingDown
-from .eventlog import EventLog, StoredEvent
+from .eventlog import EventLog, EventLogError, StoredEvent
 from .models import Caller
 from .units import format_time
 
@@ -50,7 +52,13 @@ log = structlog.get_logger("sandboxd.events")
 DEFAULT_RETAIN = 10_000
 DEFAULT_QUEUE_SIZE = 1024
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 256
+CHECKPOINT_EVERY = 256  # commits between two WAL checkpoints (on the writer thread)
 SEND_BATCH = 128  # events written per turn before the sender checks back-pressure
+
+
+# The msgpack of a notification ``[2, "event", [sid, Event]]`` up to ``sid``: fixarray(3),
+# 2, fixstr "event", fixarray(2). The test suite checks it against protocol's encoder.
+_EVENT_FRAME = b"\x93\x02\xa5event\x92"
 
 
 def visible(caller: Caller, owner_uid: int | None) -> bool:
@@ -131,6 +139,25 @@ def _seal(event: StoredEvent) -> StoredEvent:
     return event
 
 
+@runtime_checkable
+class FrameSink(Protocol):
+    """What a connection may offer beyond ``CallContext`` for cheap fan-out (optional).
+
+    With it, each event is encoded once (at publish) for all subscribers, a
+    batch goes out in one write, and an idle subscriber on a connection that
+    is not back-pressured is written to directly, without waking its task.
+    """
+
+    @property
+    def writable(self) -> bool:
+        """False while ``drain()`` would wait (the client is behind) or the connection is gone."""
+        ...
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue bytes that are already msgpack-RPC messages (never waits)."""
+        ...
+
+
 class Subscription:
     """One ``events.subscribe`` on one connection: its filter, queue and sender task."""
 
@@ -145,12 +172,16 @@ class Subscription:
         self.bus = bus
         self.id = sid
         self.ctx = ctx
+        self.sink: FrameSink | None = ctx if isinstance(ctx, FrameSink) else None
+        # ``["event", [sid, Event]]`` as a notification, all but the Event's own bytes.
+        self._prefix = _EVENT_FRAME + msgpack.packb(sid, use_bin_type=True)
         self.caller = ctx.caller
         self.filter = event_filter
         self.replay = replay  # retained events owed from ``since``, sent before ``queue``
         self.queue: deque[StoredEvent] = deque()  # live events not yet written
         self.sent = 0
         self.blocked = False  # waiting for the client to read what was written
+        self._must_drain = False  # written to directly; the task must wait for the client
         self._waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -171,6 +202,24 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def deliver(self) -> None:
+        """Owed events became durable: write them now if that cannot wait, else wake the task."""
+        sink = self.sink
+        waiter = self._waiter
+        if sink is None or waiter is None or waiter.done() or not sink.writable:
+            self.wake()
+            return
+        # The task is parked and the client keeps up: no reason to switch to it.
+        durable = self.bus.durable_seq
+        while batch := self._take(durable):
+            self._send(batch)
+            if not sink.writable:
+                self._must_drain = True  # let the task wait for the client
+                self.wake()
+                return
+        if self.replay or self.queue:
+            self.bus.mark_ready(self)
+
     def _take(self, durable: int) -> list[StoredEvent]:
         batch: list[StoredEvent] = []
         for source in (self.replay, self.queue):
@@ -180,30 +229,44 @@ class Subscription:
                 break  # never skip ahead of an event still owed
         return batch
 
+    def _send(self, batch: list[StoredEvent]) -> None:
+        if self.sink is not None:
+            # One write for the batch; each event was encoded once, at publish.
+            prefix = self._prefix
+            self.sink.send_frame(b"".join([prefix + event.packed for event in batch]))
+        else:
+            for event in batch:
+                self.ctx.notify("event", [self.id, event.wire])
+        self.sent += len(batch)
+
+    async def _drain(self) -> None:
+        self.blocked = True
+        try:
+            await self.ctx.drain()
+        finally:
+            self.blocked = False
+
     async def run(self) -> None:
         """Write owed events as they become durable; wait for the client to read them."""
         loop = asyncio.get_running_loop()
         ctx = self.ctx
         try:
             while not ctx.closed:
+                if self._must_drain:
+                    self._must_drain = False
+                    await self._drain()
                 batch = self._take(self.bus.durable_seq)
-                if not batch:
-                    if self.replay or self.queue:
-                        self.bus.mark_ready(self)  # owed events wait for their commit
-                    self._waiter = loop.create_future()
-                    try:
-                        await self._waiter
-                    finally:
-                        self._waiter = None
+                if batch:
+                    self._send(batch)
+                    await self._drain()
                     continue
-                for event in batch:
-                    ctx.notify("event", [self.id, event.wire])
-                self.sent += len(batch)
-                self.blocked = True
+                if self.replay or self.queue:
+                    self.bus.mark_ready(self)  # owed events wait for their commit
+                self._waiter = loop.create_future()
                 try:
-                    await ctx.drain()
+                    await self._waiter
                 finally:
-                    self.blocked = False
+                    self._waiter = None
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -231,8 +294,10 @@ class EventBus:
         self._durable_seq = 0
         self._pending: list[StoredEvent] = []
         self._flush_scheduled = False
-        self._writing = False
-        self._idle: asyncio.Event | None = None
+        self._commits = 0  # since the last checkpoint
+        self._write_failing = False
+        self._log_closed = False
+        self._checkpointing = False
         self._subs: dict[str, Subscription] = {}
         self._by_ctx: dict[CallContext, dict[str, Subscription]] = {}
         self._ready: dict[Subscription, None] = {}  # owed events not yet durable when checked
@@ -249,8 +314,6 @@ class EventBus:
         if self._state != "new":
             raise RuntimeError("EventBus.open() may be called once")
         self._loop = asyncio.get_running_loop()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sandboxd-eventlog")
         try:
             events, last_seq = await self._loop.run_in_executor(self._executor, self._log.open)
@@ -270,7 +333,7 @@ class EventBus:
         if self._state != "open":
             self._state = "closed"
             return
-        await self._wait_written()
+        self._flush()
         self._state = "closed"
         tasks = [sub.task for sub in self._subs.values() if sub.task is not None]
         for sub in list(self._subs.values()):
@@ -278,6 +341,8 @@ class EventBus:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         assert self._loop is not None and self._executor is not None
+        # The executor runs one thing at a time: this waits for any checkpoint first.
+        self._log_closed = True
         with contextlib.suppress(Exception):
             await self._loop.run_in_executor(self._executor, self._log.close)
         self._executor.shutdown(wait=True)
@@ -347,37 +412,44 @@ class EventBus:
         return event.wire
 
     def _flush(self) -> None:
+        """Commit this loop turn's events, then let their subscribers' senders go."""
         self._flush_scheduled = False
-        if self._writing or not self._pending or self._executor is None:
+        if not self._pending or self._log_closed:
             return
-        assert self._loop is not None and self._idle is not None
         batch, self._pending = self._pending, []
-        self._writing = True
-        self._idle.clear()
-        future = self._loop.run_in_executor(self._executor, self._log.append, batch)
-        future.add_done_callback(functools.partial(self._written, batch))
-
-    def _written(self, batch: list[StoredEvent], future: asyncio.Future[None]) -> None:
-        self._writing = False
-        if not future.cancelled() and (exc := future.exception()) is not None:
-            # Delivery goes on: a full disk must not stop the stream, only its replay later.
-            log.error("event_log_write_failed", events=len(batch), first_seq=batch[0].seq,
-                      error=str(exc))
-        self._durable_seq = max(self._durable_seq, batch[-1].seq)
+        try:
+            self._log.append(batch)
+        except EventLogError as exc:
+            # Delivery goes on (a full disk must not stop the stream); the batch is kept,
+            # up to ``retain`` events, and written with the next one.
+            if not self._write_failing:
+                log.error("event_log_write_failed", events=len(batch),
+                          first_seq=batch[0].seq, error=str(exc))
+            self._write_failing = True
+            self._pending = batch[-self.retain:] if self.retain else []
+        else:
+            if self._write_failing:
+                log.info("event_log_write_recovered", last_seq=batch[-1].seq)
+            self._write_failing = False
+        self._durable_seq = batch[-1].seq
+        self._commits += 1
+        if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
+            self._checkpoint()
         ready, self._ready = self._ready, {}
         for sub in ready:
-            sub.wake()
-        if self._pending:
-            self._flush()  # what came in meanwhile: the next group commit
-        elif self._idle is not None:
-            self._idle.set()
+            sub.deliver()
 
-    async def _wait_written(self) -> None:
-        while self._pending or self._writing:
-            if not self._writing:
-                self._flush()
-            assert self._idle is not None
-            await self._idle.wait()
+    def _checkpoint(self) -> None:
+        assert self._loop is not None and self._executor is not None
+        self._commits = 0
+        self._checkpointing = True
+        future = self._loop.run_in_executor(self._executor, self._log.checkpoint)
+        future.add_done_callback(self._checkpointed)
+
+    def _checkpointed(self, future: asyncio.Future[None]) -> None:
+        self._checkpointing = False
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            log.warning("event_log_checkpoint_failed", error=str(exc))
 
     # -- subscriptions -------------------------------------------------------
 

@@ -84,14 +84,27 @@ class BufferedExec:
         self.stdout = OutputCapture(request.max_output)
         self.stderr = OutputCapture(request.max_output)
         self._demux = Demuxer()
-        self._stream: ExecStream | None = None
         self.aborted: str | None = None
+        self._aborted = asyncio.Event()
 
     def abort(self, reason: str) -> None:
         """End the run now (its sandbox is being removed); ``run`` raises ``Conflict``."""
         self.aborted = reason
-        if self._stream is not None:
-            asyncio.get_running_loop().create_task(self._stream.close())
+        self._aborted.set()
+
+    async def _until(self, pump: asyncio.Task[None], limit: float | None) -> str:
+        """Wait for the output to end: ``"done"``, ``"timeout"`` or ``"aborted"``."""
+        aborted = asyncio.create_task(self._aborted.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {pump, aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            aborted.cancel()
+        if pump in done:
+            pump.result()  # re-raise a failure to read the output
+            return "done"
+        return "aborted" if self.aborted else "timeout"
 
     async def _pump(self, stream: ExecStream) -> None:
         demux, out, err = self._demux, self.stdout, self.stderr
@@ -128,30 +141,26 @@ class BufferedExec:
             stdin=req.stdin is not None,
             tty=False,
         )
-        stream = self._stream = await self.engine.exec_start(exec_id, tty=False)
+        stream = await self.engine.exec_start(exec_id, tty=False)
         timed_out = False
         feeder: asyncio.Task[None] | None = None
+        pump = asyncio.create_task(self._pump(stream))
         try:
             if req.stdin is not None:
                 feeder = asyncio.create_task(self._feed_stdin(stream, req.stdin))
-            try:
-                async with asyncio.timeout(req.timeout):
-                    await self._pump(stream)
-            except TimeoutError:
+            outcome = await self._until(pump, req.timeout)
+            if outcome == "timeout":
                 timed_out = True
                 await kill_exec(self.engine, self.container_id, exec_id, self.marker)
-                try:
-                    async with asyncio.timeout(DRAIN_AFTER_KILL):
-                        await self._pump(stream)
-                except TimeoutError:
-                    pass
+                outcome = await self._until(pump, DRAIN_AFTER_KILL)
         except asyncio.CancelledError:
             # The caller went away or the daemon is stopping: leave nothing running.
             await asyncio.shield(kill_exec(self.engine, self.container_id, exec_id, self.marker))
             raise
         finally:
-            if feeder is not None:
-                feeder.cancel()
+            for task in (pump, feeder):
+                if task is not None and not task.done():
+                    task.cancel()
             await stream.close()
         if self.aborted:
             raise Conflict(self.aborted, {"status": "removed"})

@@ -94,9 +94,16 @@ def record_from_container(summary: dict[str, Any]) -> SandboxRecord | None:
 
 
 class Reconciler:
-    def __init__(self, manager: SandboxManager, engine: Engine, instance: str) -> None:
+    def __init__(
+        self,
+        manager: SandboxManager,
+        engine: Engine,
+        instance: str,
+        create_grace: float = CREATE_GRACE,
+    ) -> None:
         self.manager = manager
         self.engine = engine
+        self.create_grace = create_grace
         self.label = f"{LABEL_INSTANCE}={instance}"
         self._oom: set[str] = set()  # sandboxes whose OOM event came before their death
 
@@ -110,7 +117,9 @@ class Reconciler:
                 continue  # one of our own calls is changing it right now
             summary = found.pop(record.id, None)
             if summary is None:
-                await m.forget_vanished(record, "external")
+                # Never made (a crash before the engine's create), or removed behind our back.
+                cause = "create_interrupted" if record.status == lifecycle.CREATING else "external"
+                await m.forget_vanished(record, cause)
                 continue
             if record.container_id is None:
                 record.container_id = str(summary.get("Id"))
@@ -138,6 +147,8 @@ class Reconciler:
             return None
         self.manager.register(record)
         await self.manager.store.put(record)
+        if record.status == lifecycle.CREATING:  # created, never started: a create cut short
+            self.manager.scheduler.set(record.id, record.created_at + self.create_grace)
         return record
 
     async def _settle(
@@ -150,7 +161,7 @@ class Reconciler:
         if old == lifecycle.CREATING:
             if new == lifecycle.CREATING:
                 # Created but never started: a create cut short. Remove it after a grace.
-                m.scheduler.set(record.id, record.created_at + CREATE_GRACE)
+                m.scheduler.set(record.id, record.created_at + self.create_grace)
                 return
             if new == lifecycle.RUNNING:
                 record.status = lifecycle.RUNNING  # started, but the reply never got written

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from .containerspec import container_config
 from .engine import Engine
 from .errors import (
     Conflict,
+    EngineUnavailable,
     InternalError,
     NotFound,
     PermissionDenied,
@@ -285,19 +286,28 @@ class SandboxManager:
 
     async def _discard_failed(self, record: SandboxRecord) -> None:
         """Undo a failed create: the container (found by its name, in case the create's
-        reply was lost) and then the record. If the engine cannot remove it, the
+        reply was lost) and then the record. When the engine cannot be asked and no
+        container is known, the record goes (a container made after all is adopted by
+        the next re-list); when a container is known but cannot be removed, the
         sandbox stays listed with status ``error`` so it can be removed later."""
         try:
             await self.engine.remove(record.container_id or container_name(record.id))
+        except EngineUnavailable:
+            if record.container_id is not None:
+                await self._keep_as_error(record, "the engine went away during the create")
+                return
         except SandboxdError as exc:
-            log.warning("create_cleanup_failed", sandbox_id=record.id, error=exc.message)
-            record.status = lifecycle.ERROR
-            self.publish("sandbox.error", record, {"error": exc.message})
-            with contextlib.suppress(Exception):
-                await self.store.put(record)
+            await self._keep_as_error(record, exc.message)
             return
         self._forget(record)
         await self.store.delete(record.id)
+
+    async def _keep_as_error(self, record: SandboxRecord, why: str) -> None:
+        log.warning("create_cleanup_failed", sandbox_id=record.id, error=why)
+        record.status = lifecycle.ERROR
+        self.publish("sandbox.error", record, {"error": why})
+        with contextlib.suppress(Exception):
+            await self.store.put(record)
 
     def _forget(self, record: SandboxRecord) -> None:
         self._by_id.pop(record.id, None)
@@ -313,9 +323,7 @@ class SandboxManager:
         record = self.lookup(caller, ref)
         async with self._lock(record.id):
             lifecycle.check("pause", record.status, record.name)
-            await self.engine.pause(self._cid(record))
-            record.status = lifecycle.PAUSED
-            await self.store.put(record)
+            await self._change_status(record, lifecycle.PAUSED, self.engine.pause)
         self.publish("sandbox.paused", record, {})
         return record
 
@@ -323,13 +331,29 @@ class SandboxManager:
         record = self.lookup(caller, ref)
         async with self._lock(record.id):
             lifecycle.check("resume", record.status, record.name)
-            await self.engine.unpause(self._cid(record))
-            record.status = lifecycle.RUNNING
             record.last_activity_at = time.time()
-            await self.store.put(record)
+            await self._change_status(record, lifecycle.RUNNING, self.engine.unpause)
             self._rearm(record)
         self.publish("sandbox.resumed", record, {})
         return record
+
+    async def _change_status(
+        self, record: SandboxRecord, status: str, engine_call: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Ask the engine and record the new status durably, the disk flush overlapping
+        the engine call; both are done before this returns. On refusal the old
+        status is restored, on disk too."""
+        old = record.status
+        record.status = status
+        written = self.store.put_started(record)
+        try:
+            await engine_call(self._cid(record))
+        except BaseException:
+            record.status = old
+            await asyncio.shield(written)
+            await asyncio.shield(self.store.put(record))
+            raise
+        await written
 
     async def extend(self, caller: Caller, ref: str, ttl: float) -> SandboxRecord:
         record = self.lookup(caller, ref)

@@ -91,8 +91,17 @@ class StateStore:
 
     async def put(self, record: SandboxRecord) -> None:
         """Write the record durably (returns once it is on disk)."""
+        await self.put_started(record)
+
+    def put_started(self, record: SandboxRecord) -> asyncio.Future[None]:
+        """Start writing the record as it is now; await the result to know it is on disk.
+
+        Lets a caller overlap the disk flush with an engine call.
+        """
         self._dirty.pop(record.id, None)
-        await self._run(self._put_many, [(record.id, record_to_json(record))])
+        loop = asyncio.get_running_loop()
+        row = [(record.id, record_to_json(record))]
+        return loop.run_in_executor(self._pool, self._put_many, row)
 
     async def delete(self, sid: str) -> None:
         self._dirty.pop(sid, None)
