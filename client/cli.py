@@ -595,16 +595,16 @@ def rm(ctx: click.Context, sandbox_ids: tuple[str, ...], force: bool) -> None:
 
 
 def _event_value(value: Any) -> str:
+    """A data value for ``key=value``: plain when that is unambiguous, else JSON."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", "replace")
     if isinstance(value, str):
-        text = value
-    elif isinstance(value, (bytes, bytearray)):
-        text = bytes(value).decode("utf-8", "replace")
-    else:
-        text = json.dumps(value, default=_json_default, ensure_ascii=False,
-                          separators=(",", ":"))
-    if not text or any(c.isspace() or c in "\"=" for c in text):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+        if not value or any(c.isspace() or c in "\"=" for c in value):
+            return json.dumps(value, ensure_ascii=False)
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"))
 
 
 def event_line(ev: Event) -> str:

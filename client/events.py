@@ -166,6 +166,16 @@ class EventStream:
                 await asyncio.wait_for(self._wake.wait(), _LIVENESS_POLL)
         raise StopAsyncIteration
 
+    async def start(self) -> Self:
+        """Subscribe now rather than at the first ``anext``; returns the stream.
+
+        Events that happen after ``start()`` returns are certain to be seen,
+        which is what a caller that is about to cause them wants.
+        """
+        if self.subscription is None and not self._closed:
+            await self._subscribe()
+        return self
+
     async def aclose(self) -> None:
         """End the subscription and close any connection this stream opened. Idempotent."""
         if self._closed:

@@ -211,14 +211,20 @@ class Subscription:
             return
         # The task is parked and the client keeps up: no reason to switch to it.
         durable = self.bus.durable_seq
-        while batch := self._take(durable):
-            self._send(batch)
-            if not sink.writable:
-                self._must_drain = True  # let the task wait for the client
-                self.wake()
+        while True:
+            batch = self._take(durable)
+            if batch:
+                self._send(batch)
+                if not sink.writable:
+                    self._must_drain = True  # let the task wait for the client
+                    self.wake()
+                    return
+            owed = self.next_seq
+            if owed is None:
                 return
-        if self.replay or self.queue:
-            self.bus.mark_ready(self)
+            if owed > durable:
+                self.bus.mark_ready(self)  # not committed yet
+                return
 
     def _take(self, durable: int) -> list[StoredEvent]:
         batch: list[StoredEvent] = []
@@ -325,8 +331,9 @@ class EventBus:
             self._retained.append(_seal(event))
         self._last_seq = self._durable_seq = last_seq
         self._state = "open"
-        log.info("event_log_opened", path=self._log.path, last_seq=last_seq,
-                 retained=len(self._retained))
+        log.info(
+            "event_log_opened", path=self._log.path, last_seq=last_seq, retained=len(self._retained)
+        )
 
     async def close(self) -> None:
         """Commit what is pending, end every subscription and close the log. Idempotent."""
@@ -380,16 +387,18 @@ class EventBus:
         """
         if self._state == "new":
             raise RuntimeError("EventBus.publish() before open()")
-        event = _seal(StoredEvent(
-            seq=self._last_seq + 1,
-            time=time.time(),
-            type=type,
-            sandbox_id=sandbox_id,
-            sandbox_name=sandbox_name,
-            owner_uid=owner_uid,
-            labels=dict(labels) if labels else {},
-            data=dict(data) if data else {},
-        ))
+        event = _seal(
+            StoredEvent(
+                seq=self._last_seq + 1,
+                time=time.time(),
+                type=type,
+                sandbox_id=sandbox_id,
+                sandbox_name=sandbox_name,
+                owner_uid=owner_uid,
+                labels=dict(labels) if labels else {},
+                data=dict(data) if data else {},
+            )
+        )
         if self._state == "closed":
             log.warning("event_after_close", type=type, sandbox_id=sandbox_id)
             return {**event.wire, "seq": 0}
@@ -423,10 +432,14 @@ class EventBus:
             # Delivery goes on (a full disk must not stop the stream); the batch is kept,
             # up to ``retain`` events, and written with the next one.
             if not self._write_failing:
-                log.error("event_log_write_failed", events=len(batch),
-                          first_seq=batch[0].seq, error=str(exc))
+                log.error(
+                    "event_log_write_failed",
+                    events=len(batch),
+                    first_seq=batch[0].seq,
+                    error=str(exc),
+                )
             self._write_failing = True
-            self._pending = batch[-self.retain:] if self.retain else []
+            self._pending = batch[-self.retain :] if self.retain else []
         else:
             if self._write_failing:
                 log.info("event_log_write_recovered", last_seq=batch[-1].seq)
@@ -517,8 +530,7 @@ class EventBus:
     def _lagged(self, sub: Subscription) -> None:
         next_seq = sub.next_seq
         assert next_seq is not None  # the queue is full
-        sub.ctx.log.warning("events_lagged", subscription=sub.id, next_seq=next_seq,
-                            sent=sub.sent)
+        sub.ctx.log.warning("events_lagged", subscription=sub.id, next_seq=next_seq, sent=sub.sent)
         self._remove(sub)
         sub.ctx.notify("events.lagged", [sub.id, {"next_seq": next_seq}])
 

@@ -28,6 +28,7 @@ log = structlog.get_logger("sandboxd.exec")
 EXIT_POLL_DELAYS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 EXIT_WAIT_LIMIT = 5.0
 DRAIN_AFTER_KILL = 5.0
+OUTPUT_AFTER_EXIT = 0.5  # once the process is gone, how long its last output may take
 
 
 @dataclass
@@ -86,6 +87,7 @@ class BufferedExec:
         self._demux = Demuxer()
         self.aborted: str | None = None
         self._aborted = asyncio.Event()
+        self._exited = asyncio.Event()
 
     def abort(self, reason: str) -> None:
         """End the run now (its sandbox is being removed); ``run`` raises ``Conflict``."""
@@ -95,16 +97,35 @@ class BufferedExec:
     async def _until(self, pump: asyncio.Task[None], limit: float | None) -> str:
         """Wait for the output to end: ``"done"``, ``"timeout"`` or ``"aborted"``."""
         aborted = asyncio.create_task(self._aborted.wait())
+        exited = asyncio.create_task(self._exited.wait())
         try:
             done, _ = await asyncio.wait(
-                {pump, aborted}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+                {pump, aborted, exited}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             aborted.cancel()
+            exited.cancel()
         if pump in done:
             pump.result()  # re-raise a failure to read the output
             return "done"
-        return "aborted" if self.aborted else "timeout"
+        if self.aborted:
+            return "aborted"
+        return "done" if exited in done else "timeout"
+
+    async def _watch_exit(self, exec_id: str, pump: asyncio.Task[None]) -> None:
+        """Set ``_exited`` once the process is gone and its output had time to arrive."""
+        delay = 0.05
+        while not pump.done():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            try:
+                info = await self.engine.exec_inspect(exec_id)
+            except SandboxdError:
+                return  # the engine or the container went away: the pump will see it too
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                await asyncio.wait({pump}, timeout=OUTPUT_AFTER_EXIT)
+                self._exited.set()
+                return
 
     async def _pump(self, stream: ExecStream) -> None:
         demux, out, err = self._demux, self.stdout, self.stderr
@@ -145,9 +166,13 @@ class BufferedExec:
         timed_out = False
         feeder: asyncio.Task[None] | None = None
         pump = asyncio.create_task(self._pump(stream))
+        watcher: asyncio.Task[None] | None = None
         try:
             if req.stdin is not None:
                 feeder = asyncio.create_task(self._feed_stdin(stream, req.stdin))
+                # The engine keeps the stream open until it has all of stdin, even after
+                # the process is gone: notice the exit ourselves so nobody waits on it.
+                watcher = asyncio.create_task(self._watch_exit(exec_id, pump))
             outcome = await self._until(pump, req.timeout)
             if outcome == "timeout":
                 timed_out = True
@@ -158,7 +183,7 @@ class BufferedExec:
             await asyncio.shield(kill_exec(self.engine, self.container_id, exec_id, self.marker))
             raise
         finally:
-            for task in (pump, feeder):
+            for task in (pump, feeder, watcher):
                 if task is not None and not task.done():
                     task.cancel()
             await stream.close()

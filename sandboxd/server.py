@@ -174,6 +174,15 @@ class Connection(asyncio.Protocol):
         """Wait until the client has read enough of what we sent (back-pressure)."""
         await self._can_write.wait()
 
+    def send_frame(self, frame: bytes) -> None:
+        """Queue bytes that are already msgpack-RPC messages (never waits)."""
+        self.write(frame)
+
+    @property
+    def writable(self) -> bool:
+        """False while drain() would wait, or once the connection is gone."""
+        return not self.closed and self._can_write.is_set()
+
     # internals ----------------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:

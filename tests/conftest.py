@@ -25,7 +25,6 @@ from typing import Any
 import msgpack
 import pytest
 import pytest_asyncio
-
 from sandboxd_client import SandboxClient
 from sandboxd_client.aio import Sandbox
 
@@ -75,7 +74,7 @@ def _ensure_engine() -> None:
         return
     if shutil.which("dockerd") is None:
         pytest.exit("dockerd is not installed: run scripts/setup.sh first", returncode=3)
-    log = open("/var/log/sandboxd-test-dockerd.log", "ab")  # noqa: SIM115 - outlives this function
+    log = open("/var/log/sandboxd-test-dockerd.log", "ab")
     subprocess.Popen(["dockerd"], stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -154,7 +153,7 @@ class Daemon:
                 "--config", str(self.config_path), *self.args]
 
     def start(self, wait: bool = True) -> Daemon:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=str(ROOT))
         log.close()
@@ -202,7 +201,7 @@ def daemon(engine: None) -> Iterator[Daemon]:
 
 
 @pytest.fixture
-def spawn_daemon(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+def spawn_daemon(engine: None) -> Iterator[Callable[..., Daemon]]:
     """Start extra daemons (own config, env or flags); all are stopped afterwards."""
     started: list[Daemon] = []
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import pytest_asyncio
 import structlog
@@ -28,6 +29,7 @@ from sandboxd.eventmethods import build_event_methods
 from sandboxd.events import MAX_SUBSCRIPTIONS_PER_CONNECTION, EventBus, EventFilter, visible
 from sandboxd.models import Caller
 from sandboxd.params import validate
+from sandboxd.protocol import encode_notification
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +85,32 @@ class FakeCtx:
 
     def lagged(self) -> list[list[Any]]:
         return [p for m, p in self.notes if m == "events.lagged"]
+
+
+class FrameCtx(FakeCtx):
+    """A connection that also takes pre-encoded frames (``events.FrameSink``)."""
+
+    def __init__(self, caller: Caller = ADMIN, stuck: bool = False) -> None:
+        super().__init__(caller, stuck)
+        self.frames = 0
+        self.unpacker = msgpack.Unpacker(raw=False)
+
+    @property
+    def writable(self) -> bool:
+        return not self.closed and not (self.stuck and self.frames > 0)
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames += 1
+        self.unpacker.feed(frame)
+        for msg in self.unpacker:
+            assert msg[0] == 2
+            self.notes.append((msg[1], msg[2]))
+
+
+@pytest.fixture(params=["notify", "frames"])
+def Ctx(request: pytest.FixtureRequest) -> type[FakeCtx]:
+    """Each fan-out test runs with a plain CallContext and with a FrameSink one."""
+    return FakeCtx if request.param == "notify" else FrameCtx
 
 
 @pytest_asyncio.fixture
@@ -176,8 +204,8 @@ def test_visibility_rule() -> None:
     assert not visible(BOB, 1000)
 
 
-async def test_visibility_through_the_bus(bus: EventBus) -> None:
-    admin, alice, bob = FakeCtx(ADMIN), FakeCtx(ALICE), FakeCtx(BOB)
+async def test_visibility_through_the_bus(Ctx: type[FakeCtx], bus: EventBus) -> None:
+    admin, alice, bob = Ctx(ADMIN), Ctx(ALICE), Ctx(BOB)
     for ctx in (admin, alice, bob):
         bus.subscribe(ctx)
     bus.publish("daemon.started", data={"version": "x"})
@@ -189,8 +217,10 @@ async def test_visibility_through_the_bus(bus: EventBus) -> None:
     assert bob.seqs() == [1, 3]
 
 
-async def test_filters_through_the_bus_and_several_subscriptions(bus: EventBus) -> None:
-    ctx = FakeCtx(ADMIN)
+async def test_filters_through_the_bus_and_several_subscriptions(
+    Ctx: type[FakeCtx], bus: EventBus,
+) -> None:
+    ctx = Ctx(ADMIN)
     every = bus.subscribe(ctx).id
     sandboxes = bus.subscribe(ctx, types=["sandbox.*"]).id
     one = bus.subscribe(ctx, sandbox="one").id
@@ -210,8 +240,8 @@ async def test_filters_through_the_bus_and_several_subscriptions(bus: EventBus) 
 # -- the event itself and seq ---------------------------------------------------
 
 
-async def test_wire_event_and_monotonic_seq(bus: EventBus) -> None:
-    ctx = FakeCtx(ALICE)
+async def test_wire_event_and_monotonic_seq(Ctx: type[FakeCtx], bus: EventBus) -> None:
+    ctx = Ctx(ALICE)
     bus.subscribe(ctx)
     wire = sandbox_event(bus, "sandbox.extended", labels={"team": "a"}, ttl=60)
     assert set(wire) == {"seq", "time", "type", "sandbox_id", "sandbox_name", "owner_uid",
@@ -230,17 +260,22 @@ async def test_wire_event_and_monotonic_seq(bus: EventBus) -> None:
     assert ctx.events()[0] == wire
 
 
-async def test_publish_is_synchronous_and_never_waits(bus: EventBus) -> None:
+async def test_publish_is_synchronous_and_never_waits(Ctx: type[FakeCtx], bus: EventBus) -> None:
     assert not inspect.iscoroutinefunction(EventBus.publish)
-    stuck = [FakeCtx(ADMIN, stuck=True) for _ in range(5)]
+    stuck = [Ctx(ADMIN, stuck=True) for _ in range(5)]
     for ctx in stuck:
         bus.subscribe(ctx)
-    await asyncio.sleep(0.01)
+    bus.publish("daemon.tick")
+    async with asyncio.timeout(5):
+        while True:
+            if all(ctx.drains for ctx in stuck):  # each is now waiting for its client
+                break
+            await asyncio.sleep(0.001)
     # 10,000 events in one synchronous burst, with subscribers that never read:
     # publish returns every time, without a single await in between.
     for i in range(10_000):
         assert isinstance(bus.publish("daemon.tick", data={"i": i}), dict)
-    assert bus.last_seq == 10_000
+    assert bus.last_seq == 10_001
     assert all(len(ctx.lagged()) == 1 for ctx in stuck)
     assert bus.subscription_count == 0
 
@@ -282,8 +317,8 @@ def test_unencodable_data_is_refused_without_using_a_seq(tmp_path: Path) -> None
 # -- subscribe / unsubscribe ------------------------------------------------------
 
 
-async def test_unsubscribe_and_connection_close(bus: EventBus) -> None:
-    a, b = FakeCtx(ADMIN), FakeCtx(ADMIN)
+async def test_unsubscribe_and_connection_close(Ctx: type[FakeCtx], bus: EventBus) -> None:
+    a, b = Ctx(ADMIN), Ctx(ADMIN)
     sa1 = bus.subscribe(a)
     sa2 = bus.subscribe(a)
     sb = bus.subscribe(b)
@@ -343,43 +378,47 @@ async def test_event_methods(bus: EventBus) -> None:
 # -- replay -----------------------------------------------------------------------
 
 
-async def test_since_replays_then_goes_live_without_gap_or_duplicate(bus: EventBus) -> None:
+async def test_since_replays_then_goes_live_without_gap_or_duplicate(
+    Ctx: type[FakeCtx], bus: EventBus,
+) -> None:
     for i in range(50):
         bus.publish("daemon.tick", data={"i": i})
-    ctx = FakeCtx(ADMIN)
+    ctx = Ctx(ADMIN)
     sub = bus.subscribe(ctx, since=20)
     for i in range(50, 80):
         bus.publish("daemon.tick", data={"i": i})
     await settle(bus)
     assert ctx.seqs(sub.id) == list(range(21, 81))
 
-    later = FakeCtx(ADMIN)
+    later = Ctx(ADMIN)
     bus.subscribe(later, since=80)
-    nothing = FakeCtx(ADMIN)
+    nothing = Ctx(ADMIN)
     bus.subscribe(nothing, since=10_000)  # ahead of the log: live only
     bus.publish("daemon.tick")
     await settle(bus)
     assert later.seqs() == [81] and nothing.seqs() == [81]
 
 
-async def test_since_with_filter_and_visibility(bus: EventBus) -> None:
+async def test_since_with_filter_and_visibility(Ctx: type[FakeCtx], bus: EventBus) -> None:
     sandbox_event(bus, "sandbox.created", owner=1000)
     sandbox_event(bus, "sandbox.created", sid="sb2", name="two", owner=1001)
     sandbox_event(bus, "exec.started", owner=1000)
     bus.publish("daemon.stopping")
-    alice = FakeCtx(ALICE)
+    alice = Ctx(ALICE)
     bus.subscribe(alice, since=0, types=["sandbox.*", "daemon.*"])
     await settle(bus)
     assert alice.seqs() == [1, 4]
 
 
-async def test_many_events_published_during_replay_keep_order(tmp_path: Path) -> None:
+async def test_many_events_published_during_replay_keep_order(
+    Ctx: type[FakeCtx], tmp_path: Path,
+) -> None:
     b = EventBus(str(tmp_path), retain=5000, queue_size=100_000)
     await b.open()
     try:
         for i in range(5000):
             b.publish("daemon.tick", data={"i": i})
-        ctx = FakeCtx(ADMIN)
+        ctx = Ctx(ADMIN)
         b.subscribe(ctx, since=0)
         for _ in range(10):
             for _ in range(100):
@@ -540,8 +579,10 @@ def test_publish_before_open_and_after_close(tmp_path: Path) -> None:
 # -- slow subscribers -----------------------------------------------------------
 
 
-async def test_slow_subscriber_is_cut_off_while_another_gets_everything(bus: EventBus) -> None:
-    slow, fast = FakeCtx(ADMIN, stuck=True), FakeCtx(ADMIN)
+async def test_slow_subscriber_is_cut_off_while_another_gets_everything(
+    Ctx: type[FakeCtx], bus: EventBus,
+) -> None:
+    slow, fast = Ctx(ADMIN, stuck=True), Ctx(ADMIN)
     slow_sub = bus.subscribe(slow)
     fast_sub = bus.subscribe(fast)
     total = 10_000
@@ -561,14 +602,16 @@ async def test_slow_subscriber_is_cut_off_while_another_gets_everything(bus: Eve
     assert slow_sub.task is not None and slow_sub.task.done()
 
 
-async def test_lag_during_replay_names_the_first_missed_replayed_seq(tmp_path: Path) -> None:
+async def test_lag_during_replay_names_the_first_missed_replayed_seq(
+    Ctx: type[FakeCtx], tmp_path: Path,
+) -> None:
     b = EventBus(str(tmp_path), queue_size=10)
     await b.open()
     try:
         for _ in range(3000):
             b.publish("daemon.tick")
         await settle(b)
-        slow = FakeCtx(ADMIN, stuck=True)
+        slow = Ctx(ADMIN, stuck=True)
         sub = b.subscribe(slow, since=0)
         await asyncio.sleep(0.01)  # the sender writes one batch, then waits forever
         got = slow.seqs()
@@ -580,10 +623,10 @@ async def test_lag_during_replay_names_the_first_missed_replayed_seq(tmp_path: P
         await b.close()
 
 
-async def test_close_ends_subscriptions_and_commits(tmp_path: Path) -> None:
+async def test_close_ends_subscriptions_and_commits(Ctx: type[FakeCtx], tmp_path: Path) -> None:
     b = EventBus(str(tmp_path))
     await b.open()
-    stuck = FakeCtx(ADMIN, stuck=True)
+    stuck = Ctx(ADMIN, stuck=True)
     sub = b.subscribe(stuck)
     for _ in range(10):
         b.publish("daemon.tick")
@@ -594,3 +637,117 @@ async def test_close_ends_subscriptions_and_commits(tmp_path: Path) -> None:
     await b2.open()
     assert b2.last_seq == 10
     await b2.close()
+
+
+async def test_a_burst_in_one_turn_does_not_cut_off_a_reader_that_keeps_up(Ctx: type[FakeCtx],
+    tmp_path: Path,
+) -> None:
+    b = EventBus(str(tmp_path), queue_size=100)
+    await b.open()
+    try:
+        fast, slow = Ctx(ADMIN), Ctx(ADMIN, stuck=True)
+        b.subscribe(fast)
+        slow_sub = b.subscribe(slow)
+        b.publish("daemon.tick")
+        await settle(b)
+        assert slow.drains == 1  # written one batch, now waiting for its client
+        for _ in range(5000):  # one loop turn: no sender can run meanwhile
+            b.publish("daemon.tick")
+        assert slow.lagged() == [[slow_sub.id, {"next_seq": 2}]]
+        await settle(b)
+        assert fast.seqs() == list(range(1, 5002))
+        for _ in range(20_000):  # beyond max(queue_size, retain): even a reader is cut off
+            b.publish("daemon.tick")
+        assert len(fast.lagged()) == 1
+    finally:
+        await b.close()
+
+
+async def test_pre_encoded_frames_are_exactly_the_protocol_encoding(bus: EventBus) -> None:
+    raw: list[bytes] = []
+
+    class Capture(FrameCtx):
+        def send_frame(self, frame: bytes) -> None:
+            raw.append(frame)
+            super().send_frame(frame)
+
+    ctx = Capture(ADMIN)
+    sub = bus.subscribe(ctx)
+    wire = sandbox_event(bus, "sandbox.extended", ttl=1.5, note="é", blob=b"\x00\xff")
+    await settle(bus)
+    assert raw == [encode_notification("event", [sub.id, wire])]
+    assert ctx.events() == [wire]
+
+
+async def test_direct_writes_stop_when_the_client_falls_behind(tmp_path: Path) -> None:
+    """A writable, idle subscriber is written to directly; once not, its task takes over."""
+    b = EventBus(str(tmp_path), queue_size=10)
+    await b.open()
+    try:
+        ctx = FrameCtx(ADMIN, stuck=True)  # writable until the first frame
+        sub = b.subscribe(ctx)
+        await asyncio.sleep(0.01)
+        b.publish("daemon.tick")
+        await settle(b)
+        assert ctx.seqs() == [1] and ctx.frames == 1
+        await asyncio.sleep(0.01)
+        assert sub.blocked  # the task now waits for the client to read
+        for _ in range(11):
+            b.publish("daemon.tick")
+        assert ctx.lagged() == [[sub.id, {"next_seq": 2}]]
+    finally:
+        await b.close()
+
+
+async def test_a_failed_write_keeps_delivering_and_is_retried(tmp_path: Path) -> None:
+    b = EventBus(str(tmp_path))
+    await b.open()
+    ctx = FakeCtx(ADMIN)
+    b.subscribe(ctx)
+    real_append = b._log.append
+    failures = [True, True]
+
+    def flaky(events: Any) -> None:
+        if failures:
+            failures.pop()
+            raise EventLogError("disk full")
+        real_append(events)
+
+    b._log.append = flaky  # type: ignore[method-assign]
+    for _ in range(3):
+        b.publish("daemon.tick")
+        await settle(b)
+    assert ctx.seqs() == [1, 2, 3]  # the stream went on
+    b._log.append = real_append  # type: ignore[method-assign]
+    await b.close()
+    again = EventBus(str(tmp_path))
+    await again.open()
+    replay = FakeCtx(ADMIN)
+    again.subscribe(replay, since=0)
+    await settle(again)
+    assert replay.seqs() == [1, 2, 3]  # written with the first batch that succeeded
+    await again.close()
+
+
+# -- the client's view ------------------------------------------------------------
+
+
+def test_client_event_model_and_cli_line() -> None:
+    from sandboxd_client import Event
+    from sandboxd_client.cli import event_line
+
+    ev = Event.from_wire({"seq": 7, "time": "2026-11-26T15:04:05.123Z",
+                          "type": b"sandbox.extended", "sandbox_id": "abc",
+                          "sandbox_name": "web", "owner_uid": 1000,
+                          "data": {"ttl": 90.0, "cmd": ["sh", "-c", "x y"], "why": "a b"},
+                          "future": 1})
+    assert (ev.seq, ev.type, ev.sandbox_id, ev.owner_uid) == (7, "sandbox.extended", "abc", 1000)
+    assert ev.extra == {"future": 1}
+    assert ev.to_dict()["data"]["ttl"] == 90.0
+    assert event_line(ev) == ('7 2026-11-26T15:04:05.123Z sandbox.extended abc(web) ttl=90 '
+                              'cmd=["sh","-c","x y"] why="a b"')
+    daemon = Event.from_wire({"seq": 1, "time": "t", "type": "daemon.started",
+                              "sandbox_id": None, "sandbox_name": None, "owner_uid": None,
+                              "data": {}})
+    assert event_line(daemon) == "1 t daemon.started -"
+    assert daemon.owner_uid is None and daemon.sandbox_id is None

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from conftest import Daemon, MakeSandbox, docker, docker_inspect
-
 from sandboxd_client import NotFound, SandboxClient
 
 
@@ -32,8 +31,8 @@ class Events:
         self.items.append(params[1])
         self.arrived.set()
 
-    async def wait_for(self, type_: str, sandbox_id: str, timeout: float = 15) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, type_: str, sandbox_id: str, within: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + within
         while True:
             for ev in self.items:
                 if ev["type"] == type_ and ev["sandbox_id"] == sandbox_id:
@@ -41,7 +40,7 @@ class Events:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 seen = [(e["type"], e["sandbox_id"]) for e in self.items]
-                raise AssertionError(f"no {type_} for {sandbox_id} within {timeout} s; saw {seen}")
+                raise AssertionError(f"no {type_} for {sandbox_id} within {within} s; saw {seen}")
             self.arrived.clear()
             try:
                 await asyncio.wait_for(self.arrived.wait(), remaining)
@@ -57,8 +56,8 @@ async def events(daemon: Daemon) -> AsyncIterator[Events]:
         yield collector
 
 
-async def wait_status(client: SandboxClient, sid: str, status: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_status(client: SandboxClient, sid: str, status: str, within: float = 15) -> None:
+    deadline = time.monotonic() + within
     while (current := (await client.get(sid)).status) != status:
         assert time.monotonic() < deadline, f"status stayed {current!r}, expected {status!r}"
         await asyncio.sleep(0.05)

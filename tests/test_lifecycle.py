@@ -9,7 +9,6 @@ import time
 
 import pytest
 from conftest import Daemon, MakeSandbox, docker, docker_inspect
-
 from sandboxd_client import (
     Conflict,
     InvalidParams,

@@ -20,7 +20,6 @@ import msgpack
 import pytest
 import pytest_asyncio
 from conftest import ROOT, Daemon, MakeSandbox, docker, raw_call
-
 from sandboxd_client import EngineError, EngineUnavailable, SandboxClient
 
 SpawnDaemon = Callable[..., Daemon]
@@ -41,9 +40,9 @@ class Raw:
         self.writer.write(raw if raw is not None else msgpack.packb(obj, use_bin_type=True))
         await self.writer.drain()
 
-    async def recv(self, timeout: float = 10) -> Any:
+    async def recv(self, within: float = 10) -> Any:
         """The next message; None when the daemon closed the connection."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 for obj in self.unpacker:
                     return obj
@@ -121,7 +120,8 @@ async def test_frame_over_the_limit_is_too_large(spawn_daemon: SpawnDaemon) -> N
     d = spawn_daemon(config='max_frame = "64k"\n')
     conn = await Raw.open(d.socket)
     try:
-        await conn.send([0, 42, "sandbox.exec", [{"id": "x", "cmd": ["cat"], "stdin": b"x" * 100_000}]])
+        big = {"id": "x", "cmd": ["cat"], "stdin": b"x" * 100_000}
+        await conn.send([0, 42, "sandbox.exec", [big]])
         reply = await conn.recv()
         assert reply[:2] == [1, 42] and reply[2][0] == "too_large"
         assert "65536" in reply[2][1]
@@ -225,7 +225,8 @@ async def test_sigterm_finishes_in_flight_calls_and_leaves_sandboxes(
         sb = await c.create(ttl=300)
     try:
         conn = await Raw.open(d.socket)
-        await conn.send([0, 1, "sandbox.exec", [{"id": sb.id, "cmd": ["sh", "-c", "sleep 1; echo done"]}]])
+        slow = {"id": sb.id, "cmd": ["sh", "-c", "sleep 1; echo done"]}
+        await conn.send([0, 1, "sandbox.exec", [slow]])
         await asyncio.sleep(0.2)  # let the exec start before the signal
         assert d.proc is not None
         d.proc.send_signal(signal.SIGTERM)
@@ -242,7 +243,7 @@ async def test_sigterm_finishes_in_flight_calls_and_leaves_sandboxes(
         assert replies[1][2] is None and replies[1][3]["stdout"] == b"done\n"
         await conn.close()
         assert await asyncio.to_thread(d.proc.wait, 30) == 0
-        assert not os.path.exists(d.socket)
+        assert not await asyncio.to_thread(os.path.exists, d.socket)
         state = json.loads(docker("inspect", sb.container_id or ""))[0]["State"]
         assert state["Running"] is True  # sandboxes outlive the daemon
     finally:
