@@ -26,6 +26,11 @@ if ! command -v docker >/dev/null 2>&1 || ! command -v dockerd >/dev/null 2>&1; 
     missing+=(docker.io)
 fi
 pkg_installed busybox-static || missing+=(busybox-static)
+# systemd-analyze and systemd-socket-activate, for the unit and socket-activation tests.
+if ! command -v systemd-analyze >/dev/null 2>&1 \
+        || ! command -v systemd-socket-activate >/dev/null 2>&1; then
+    missing+=(systemd)
+fi
 # Docker refuses to run containers when the kernel enforces AppArmor but the
 # parser that loads its default profile is absent (docker.io only recommends it).
 if [ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null || true)" = Y ] \
