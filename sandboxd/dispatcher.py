@@ -35,8 +35,8 @@ class CallContext(Protocol):
     caller: Caller
     log: BoundLog
 
-    def log_request(self, **fields: Any) -> None:
-        """Write the one log line of a request (method, msgid, outcome, ms)."""
+    def log_request(self, method: str, msgid: int, outcome: str, ms: float) -> None:
+        """Write the one log line of a request."""
 
     closed: bool  # the connection is gone
     on_close: list[Callable[[], None]]  # run once when the connection closes
@@ -85,7 +85,7 @@ class Dispatcher:
                 )
             if self.shutting_down and not method.during_shutdown:
                 raise ShuttingDown("The daemon is stopping and takes no new work; retry shortly.")
-            args = validate(method.params, req.params)
+            args = validate(method.params, req.params) if method.params or req.params else {}
             if method.is_async:
                 return self._finish(ctx, req, method.handler(ctx, args), started)
             result = method.handler(ctx, args)
@@ -104,10 +104,7 @@ class Dispatcher:
 
     def _ok(self, ctx: CallContext, req: Request, result: Any, started: float) -> bytes:
         ctx.log_request(
-            method=req.method,
-            msgid=req.msgid,
-            outcome="ok",
-            ms=round((time.perf_counter() - started) * 1000, 3),
+            req.method, req.msgid, "ok", round((time.perf_counter() - started) * 1e3, 3)
         )
         return encode_response(req.msgid, None, result)
 
@@ -129,5 +126,5 @@ class Dispatcher:
                 {"ref": ref},
             )
         else:
-            ctx.log_request(method=req.method, msgid=req.msgid, outcome=exc.code, ms=ms)
+            ctx.log_request(req.method, req.msgid, exc.code, ms)
         return encode_response(req.msgid, exc.to_wire(), None)

@@ -9,6 +9,7 @@ and the client both sit on it, and it is tested with bytes alone.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,18 @@ def _msgid(value: Any) -> int | None:
 
 def parse_message(obj: Any) -> Message | BadMessage:
     """Classify one decoded msgpack object as a message, or explain why it is not."""
+    # The common case first, with exact type checks (bool is not an int here).
+    if (
+        type(obj) is list
+        and len(obj) == 4
+        and obj[0] == REQUEST
+        and type(obj[0]) is int
+        and type(obj[1]) is int
+        and 0 <= obj[1] <= MAX_MSGID
+        and type(obj[2]) is str
+        and type(obj[3]) is list
+    ):
+        return Request(obj[1], obj[2], obj[3])
     if not isinstance(obj, list) or not obj:
         return BadMessage(
             InvalidRequest(
@@ -200,21 +213,20 @@ class Decoder:
             self._head += bytes(chunk[: 32 - len(self._head)])
 
     def _drain(self, out: list[Event]) -> bool:
-        while True:
-            try:
-                obj = self._unpacker.unpack()
-            except msgpack.OutOfData:
-                return True
-            except Exception as exc:  # FormatError, StackError, bad UTF-8, bad map key ...
-                self.broken = True
-                out.append(self._undecodable(exc))
-                return False
-            self._done = self._unpacker.tell()
-            msg = parse_message(obj)
-            out.append(msg)
-            if isinstance(msg, BadMessage) and msg.fatal:
-                self.broken = True
-                return False
+        unpacker = self._unpacker
+        try:
+            for obj in unpacker:
+                self._done = unpacker.tell()
+                msg = parse_message(obj)
+                out.append(msg)
+                if type(msg) is BadMessage and msg.fatal:
+                    self.broken = True
+                    return False
+        except Exception as exc:  # FormatError, StackError, bad UTF-8, bad map key ...
+            self.broken = True
+            out.append(self._undecodable(exc))
+            return False
+        return True
 
     def _undecodable(self, exc: Exception) -> BadMessage:
         if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
@@ -240,9 +252,15 @@ class Decoder:
         )
 
 
+_local = threading.local()
+
+
 def _pack(obj: Any) -> bytes:
-    # packb makes a fresh Packer per call: safe from any thread (the blocking client).
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    # One Packer per thread: Packer is not thread-safe (the blocking client runs its own).
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    data: bytes = packer.pack(obj)
     return data
 
 

@@ -132,7 +132,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         replies: list[bytes] = []  # replies of inline calls: one write for the whole read
         for item in self.decoder.feed(data):
-            if isinstance(item, Request):
+            if type(item) is Request:
                 reply = self._handle(item)
                 if reply is not None:
                     replies.append(reply)
