@@ -23,6 +23,7 @@ from . import cgroupstats, lifecycle
 from .config import Config
 from .containerspec import container_config
 from .engine import Engine
+from .enginestats import summarize as summarize_engine_stats
 from .errors import (
     Conflict,
     EngineUnavailable,
@@ -37,7 +38,6 @@ from .models import Caller, SandboxRecord, container_name
 from .policy import CreateSpec, check_env
 from .scheduler import DeadlineScheduler
 from .state import StateStore
-from .stats import summarize
 from .units import parse_time
 
 log = structlog.get_logger("sandboxd.sandboxes")
@@ -444,7 +444,7 @@ class SandboxManager:
             previous = (now, first)
         sample = await self.engine.stats_once(cid)
         state.engine_previous = (time.monotonic(), sample)
-        return summarize(sample, previous[1])
+        return summarize_engine_stats(sample, previous[1])
 
     async def exec(self, caller: Caller, ref: str, args: dict[str, Any]) -> dict[str, Any]:
         record = self.lookup(caller, ref)

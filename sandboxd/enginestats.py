@@ -1,4 +1,6 @@
-"""Turning the engine's stats samples into SPEC §3 ``sandbox.stats`` figures.
+"""The engine's stats samples turned into SPEC §3 ``sandbox.stats`` figures.
+
+The fallback for when the host's cgroup files are not visible (``cgroupstats``).
 
 Owns the CPU percentage between two samples (a one-shot sample carries no
 previous CPU reading) and the memory/pids/network sums. Pure: no I/O.
