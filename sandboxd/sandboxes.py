@@ -340,20 +340,10 @@ class SandboxManager:
     async def _change_status(
         self, record: SandboxRecord, status: str, engine_call: Callable[[str], Awaitable[None]]
     ) -> None:
-        """Ask the engine and record the new status durably, the disk flush overlapping
-        the engine call; both are done before this returns. On refusal the old
-        status is restored, on disk too."""
-        old = record.status
+        """Ask the engine, then record the new status durably (before the reply)."""
+        await engine_call(self._cid(record))
         record.status = status
-        written = self.store.put_started(record)
-        try:
-            await engine_call(self._cid(record))
-        except BaseException:
-            record.status = old
-            await asyncio.shield(written)
-            await asyncio.shield(self.store.put(record))
-            raise
-        await written
+        await self.store.put(record)
 
     async def extend(self, caller: Caller, ref: str, ttl: float) -> SandboxRecord:
         record = self.lookup(caller, ref)
