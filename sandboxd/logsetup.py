@@ -99,6 +99,7 @@ class _StdlibBridge(logging.Handler):
 
 _writer: BatchingWriter | None = None
 _fast_requests = False
+_quoted: dict[str, str] = {}  # method name -> its JSON string
 _request_level_on = True
 _second = [-1, ""]
 
@@ -189,8 +190,13 @@ class RequestLog:
         if sec != _second[0]:
             _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         # outcome is one of our own codes and ms a float: only the method needs escaping.
+        quoted = _quoted.get(method)
+        if quoted is None:
+            quoted = _fast_dumps(method)
+            if len(_quoted) < 256:  # method names come from clients: keep the cache bounded
+                _quoted[method] = quoted
         _writer.write(
-            f'{self._prefix}"method":{_fast_dumps(method)},"msgid":{msgid},'
+            f'{self._prefix}"method":{quoted},"msgid":{msgid},'
             f'"outcome":"{outcome}","ms":{ms},"event":"request","level":"info",'
             f'"timestamp":"{_second[1]}.{int((now - sec) * 1e6):06d}Z"}}\n'
         )
