@@ -163,6 +163,7 @@ async def serve(config: Config) -> int:
     log.info("daemon_stopping", in_flight=server.in_flight())
     server.stop_accepting()
     cancelled = await server.drain(config.shutdown_grace)
+    await bus.deliver_pending(within=1.0)
     server.close_connections()
     if config.cleanup_on_exit:
         await manager.remove_all()

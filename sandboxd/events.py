@@ -335,6 +335,18 @@ class EventBus:
             "event_log_opened", path=self._log.path, last_seq=last_seq, retained=len(self._retained)
         )
 
+    async def deliver_pending(self, within: float) -> None:
+        """Commit now and give subscribers up to ``within`` seconds to send what they owe
+        (the daemon calls this before closing connections, so ``daemon.stopping`` arrives)."""
+        if self._state != "open":
+            return
+        self._flush()
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and any(
+            (sub.queue or sub.replay) and not sub.ctx.closed for sub in self._subs.values()
+        ):
+            await asyncio.sleep(0.005)
+
     async def close(self) -> None:
         """Commit what is pending, end every subscription and close the log. Idempotent."""
         if self._state != "open":

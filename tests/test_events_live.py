@@ -452,3 +452,32 @@ async def test_a_non_admin_sees_only_its_own_events(spawn_daemon: SpawnDaemon) -
     assert mine.id not in {e["sandbox_id"] for e in seen}
     assert [e["type"] for e in seen if e["sandbox_id"] == result["id"]] == [
         "sandbox.created", "sandbox.removed"]
+
+
+async def test_daemon_started_and_stopping_reach_a_live_subscriber(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    d = spawn_daemon()
+    reader, writer = await asyncio.open_unix_connection(d.socket)
+    try:
+        subscribe = [0, 1, "events.subscribe", [{"types": ["daemon.*"], "since": 0}]]
+        writer.write(msgpack.packb(subscribe))
+        await writer.drain()
+        unpacker = msgpack.Unpacker(raw=False)
+        seen: list[str] = []
+        assert d.proc is not None
+        async with asyncio.timeout(20):
+            while "daemon.stopping" not in seen:
+                data = await reader.read(65536)
+                assert data, f"connection closed before daemon.stopping; saw {seen}"
+                unpacker.feed(data)
+                for msg in unpacker:
+                    if msg[0] == 1:
+                        assert msg[2] is None
+                        d.proc.send_signal(signal.SIGTERM)  # subscribed: now stop the daemon
+                    elif msg[0] == 2 and msg[1] == "event":
+                        seen.append(msg[2][1]["type"])
+        assert seen == ["daemon.started", "daemon.stopping"]
+        assert await asyncio.to_thread(d.proc.wait, 30) == 0
+    finally:
+        writer.close()
