@@ -54,12 +54,14 @@ class Policy:
     readonly_rootfs: bool = False  # when true, every sandbox's rootfs is read-only
     max_env: int = 256
     max_labels: int = 64
+    max_label_bytes: int = 8192  # keys and values of one sandbox's labels, together
 
 
 @dataclass
 class Quota:
     max_sandboxes: int | None = None
     max_memory: int | None = None
+    max_execs: int = 64  # commands running at once, per uid
 
 
 @dataclass
@@ -80,8 +82,9 @@ class PoolConfig:
 def _default_socket() -> str:
     if os.geteuid() == 0:
         return "/run/sandboxd/sandboxd.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxd-{os.getuid()}"
-    return str(Path(runtime) / "sandboxd.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    # No shared /tmp fallback: another user could own that directory first.
+    return str(Path(runtime) / "sandboxd.sock") if runtime else ""
 
 
 def _default_state_dir() -> str:
@@ -221,6 +224,10 @@ def load_config(
     for name, value in (overrides or {}).items():
         if value is not None:
             _fill(config, {name: value}, f"--{name.replace('_', '-')} ")
+    if not config.socket:
+        raise ConfigError(
+            "socket: $XDG_RUNTIME_DIR is not set; pass --socket or set $SANDBOXD_SOCKET"
+        )
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: expected one of {sorted(_LOG_LEVELS)}")
     if config.log_format not in {"auto", "json", "console"}:

@@ -24,6 +24,9 @@ from yarl import URL
 from .errors import Conflict, EngineError, EngineUnavailable, NotFound, SandboxdError
 
 DEFAULT_ENGINE_URL = "unix:///var/run/docker.sock"
+# A request/response call to the engine that takes longer than this is treated as the
+# engine being unavailable (exec output and event streams have no such limit).
+CALL_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 _UNREACHABLE_STATUS = 900  # aiodocker's code for a connection failure
 
 
@@ -108,12 +111,18 @@ class Engine:
     def docker(self) -> aiodocker.Docker:
         if self._docker is None:
             try:
-                self._docker = aiodocker.Docker(url=self.url)
+                docker = aiodocker.Docker(url=self.url, timeout=CALL_TIMEOUT)
             except ValueError as exc:
                 raise EngineUnavailable(
                     f"The Docker Engine URL {self.url!r} is not usable: {exc}",
                     {"engine_message": str(exc)},
                 ) from None
+            # Every running exec holds one connection for its whole life: with aiohttp's
+            # default pool of 100, long execs would starve every other call. Unlimited.
+            connector = getattr(docker, "connector", None)
+            if connector is not None and hasattr(connector, "_limit"):
+                connector._limit = 0
+            self._docker = docker
         return self._docker
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ from .sandboxes import SandboxManager
 
 MAX_TTL = 10 * 365 * 86400.0
 MAX_EXEC_TIMEOUT = 7 * 86400.0
+MAX_ARGV_BYTES = 1024 * 1024  # a command line, all arguments together (Linux allows ~2 MiB)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def build_methods(app: App) -> list[Method]:
     }
     exec_params = {
         "id": _id(),
-        "cmd": p.Field(p.string_list(4096, 131072, min_items=1), required=True),
+        "cmd": p.Field(p.argv(MAX_ARGV_BYTES), required=True),
         "env": p.Field(p.string_map()),
         "workdir": p.Field(p.string(1024)),
         "user": p.Field(p.string(256)),

@@ -35,7 +35,9 @@ def validate(spec: Mapping[str, Field], params: list[Any]) -> dict[str, Any]:
         raise InvalidParams(
             "params must be [] or an array holding exactly one map of named arguments."
         )
-    unknown = [str(k) for k in args if k not in spec]
+    unknown = [
+        str(k).encode("utf-8", "backslashreplace").decode() for k in args if k not in spec
+    ]
     if unknown:
         known = ", ".join(sorted(spec)) or "none"
         raise InvalidParams(
@@ -69,6 +71,11 @@ def string(max_len: int = 4096, allow_empty: bool = False) -> Check:
                 raise _bad(name, "a UTF-8 string", value) from None
         if not isinstance(value, str) or (not value and not allow_empty):
             raise _bad(name, "a non-empty string", value)
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # invalid UTF-8 on the wire, decoded with escapes
+                raise _bad(name, "valid UTF-8", value) from None
         if len(value) > max_len or "\0" in value:
             raise _bad(name, f"a string of at most {max_len} characters without NUL", value)
         return value
@@ -138,6 +145,23 @@ def string_list(max_items: int = 4096, item_len: int = 65536, min_items: int = 0
         if not isinstance(value, list) or not min_items <= len(value) <= max_items:
             raise _bad(name, f"an array of {min_items} to {max_items} strings", value)
         return [item(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+    return check
+
+
+def argv(max_bytes: int) -> Check:
+    """A command line: 1 or more strings, at most ``max_bytes`` together."""
+    items = string_list(max_items=65536, item_len=max_bytes, min_items=1)
+
+    def check(name: str, value: Any) -> list[str]:
+        args: list[str] = items(name, value)
+        total = sum(len(a.encode()) + 1 for a in args)
+        if total > max_bytes:
+            raise TooLarge(
+                f"Argument '{name}' is {total} bytes, over the limit of {max_bytes}.",
+                {"argument": name, "limit": max_bytes},
+            )
+        return args
 
     return check
 

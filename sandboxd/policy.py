@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .config import Config
-from .errors import InvalidParams, PermissionDenied
+from .errors import InvalidParams, PermissionDenied, TooLarge
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 ID_RE = re.compile(r"^[0-9a-f]{12}$")
@@ -168,6 +168,12 @@ def resolve_create(args: dict[str, Any], config: Config) -> CreateSpec:
     labels = args.get("labels", {})
     if len(labels) > p.max_labels:
         raise InvalidParams(f"At most {p.max_labels} labels are allowed.", {"argument": "labels"})
+    label_bytes = sum(len(k.encode()) + len(v.encode()) for k, v in labels.items())
+    if label_bytes > p.max_label_bytes:
+        raise TooLarge(
+            f"Labels take {label_bytes} bytes, over the limit of {p.max_label_bytes}.",
+            {"argument": "labels", "limit": p.max_label_bytes},
+        )
     for key in labels:
         if not LABEL_KEY_RE.match(key):
             raise InvalidParams(

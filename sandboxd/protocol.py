@@ -66,13 +66,21 @@ Event = Request | Response | Notification | BadMessage
 def _text(value: Any) -> str | None:
     """A method name as str, accepting msgpack bin too (SPEC: be liberal)."""
     if isinstance(value, str):
-        return value
+        return value if value.isascii() or _is_utf8(value) else None
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
             return None
     return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # decoded from invalid UTF-8 with escapes
+        return False
+    return True
 
 
 def _msgid(value: Any) -> int | None:
@@ -92,6 +100,7 @@ def parse_message(obj: Any) -> Message | BadMessage:
         and type(obj[1]) is int
         and 0 <= obj[1] <= MAX_MSGID
         and type(obj[2]) is str
+        and obj[2].isascii()
         and type(obj[3]) is list
     ):
         return Request(obj[1], obj[2], obj[3])
@@ -167,10 +176,14 @@ class Decoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
+        # Liberal decoding keeps the stream in step: a map with non-string keys or a
+        # string that is not UTF-8 is one bad request (answered, by msgid), not a reason
+        # to drop the connection. Such values are refused later by the argument checks.
         self._unpacker = msgpack.Unpacker(
             raw=False,
             max_buffer_size=max_frame,
-            strict_map_key=True,
+            strict_map_key=False,
+            unicode_errors="surrogateescape",
         )
         self._fed = 0  # bytes fed into the unpacker so far
         self._done = 0  # stream offset where the last complete frame ended

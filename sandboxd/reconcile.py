@@ -109,12 +109,16 @@ class Reconciler:
 
     async def reconcile(self) -> None:
         """Compare every record with the engine's containers and settle differences."""
+        m = self.manager
+        listed_at = time.monotonic()
         containers = await self.engine.list_labelled(self.label)
         found = {c.get("Labels", {}).get(LABEL_ID): c for c in containers}
-        m = self.manager
         for record in m.records():
-            if m.busy(record.id):
-                continue  # one of our own calls is changing it right now
+            if m.by_id(record.id) is not record or m.busy(record.id):
+                continue  # removed meanwhile, or one of our own calls is changing it now
+            if m.changed_since(record.id, listed_at):
+                found.pop(record.id, None)
+                continue  # we changed it after the list was taken: the list is stale for it
             summary = found.pop(record.id, None)
             if summary is None:
                 # Never made (a crash before the engine's create), or removed behind our back.
@@ -171,6 +175,7 @@ class Reconciler:
         if new == old:
             return
         record.status = new
+        m.mark_changed(record, processes_changed=lifecycle.STOPPED in (old, new))
         await m.store.put(record)
         if new == lifecycle.PAUSED:
             m.publish("sandbox.paused", record, dict(EXTERNAL))

@@ -46,6 +46,22 @@ STATS_WINDOW = 0.05  # seconds between two samples when no previous one is fresh
 STATS_FRESH = 30.0
 
 
+EVENT_CMD_BYTES = 512  # an event carries at most this much of a command line
+
+
+def _summary(cmd: list[str]) -> list[str]:
+    """The start of an argv, bounded, for an event (events are kept and sent to many)."""
+    out: list[str] = []
+    room = EVENT_CMD_BYTES
+    for arg in cmd:
+        if room <= 0:
+            out.append("...")
+            break
+        out.append(arg[:room])
+        room -= len(arg) + 1
+    return out
+
+
 @dataclass
 class _StatsState:
     reader: cgroupstats.CgroupReader | None
@@ -78,6 +94,8 @@ class SandboxManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._stats: dict[str, _StatsState] = {}
         self._execs: dict[str, set[BufferedExec]] = {}  # running buffered execs per sandbox
+        self._execs_by_uid: dict[int, int] = {}
+        self._changed: dict[str, float] = {}  # sandbox id -> when we last changed its status
         self.scheduler = DeadlineScheduler(self._on_deadline)
 
     # registry -------------------------------------------------------------
@@ -89,6 +107,15 @@ class SandboxManager:
 
     def by_id(self, sid: str) -> SandboxRecord | None:
         return self._by_id.get(sid)
+
+    def changed_since(self, sid: str, moment: float) -> bool:
+        """True when this daemon changed the sandbox's status at or after ``moment``."""
+        return self._changed.get(sid, -1.0) >= moment
+
+    def mark_changed(self, record: SandboxRecord, processes_changed: bool = False) -> None:
+        self._changed[record.id] = time.monotonic()
+        if processes_changed:  # died or restarted: its PID 1 (and so its stats source) changed
+            self._stats.pop(record.id, None)
 
     def busy(self, sid: str) -> bool:
         """True while a lifecycle call of ours holds the sandbox (it settles the state)."""
@@ -172,30 +199,31 @@ class SandboxManager:
         record = self._by_id.get(sid)
         if record is None:
             return
-        now = time.time()
         if record.status == lifecycle.CREATING:
             if not self.busy(sid):  # a create that a crash interrupted
                 await self._remove(record, cause="create_interrupted")
             return
-        reason = None
-        if record.expires_at is not None and record.expires_at <= now + 0.001:
-            reason = "ttl"
-        elif record.idle_timeout is not None:
-            if record.running_execs > 0:
-                self.touch(record)  # a running exec is activity
-                return
-            if record.last_activity_at + record.idle_timeout <= now + 0.001:
-                reason = "idle"
-        if reason is None:
+        if self._expiry_reason(record) is None:
             self._rearm(record)
             return
-        log.info("sandbox_expired", sandbox_id=sid, reason=reason)
-        self.publish("sandbox.expired", record, {"reason": reason})
         try:
-            await self._remove(record, cause="expired")
+            await self._remove(record, cause="expired", recheck=self._expiry_reason)
         except SandboxdError as exc:
             log.warning("expire_remove_failed", sandbox_id=sid, error=exc.message)
             self.scheduler.set(sid, time.time() + 5.0)  # try again shortly
+
+    def _expiry_reason(self, record: SandboxRecord) -> str | None:
+        """Why the sandbox is due now ("ttl" or "idle"), or None when it is not."""
+        now = time.time() + 0.001
+        if record.expires_at is not None and record.expires_at <= now:
+            return "ttl"
+        if record.idle_timeout is not None:
+            if record.running_execs > 0:
+                self.touch(record)  # a running exec is activity
+                return None
+            if record.last_activity_at + record.idle_timeout <= now:
+                return "idle"
+        return None
 
     # lifecycle ----------------------------------------------------------
     def _check_quota(self, caller: Caller, spec: CreateSpec) -> None:
@@ -258,6 +286,7 @@ class SandboxManager:
                 await self.engine.start(record.container_id)
                 record.status = lifecycle.RUNNING
                 record.last_activity_at = time.time()
+                self.mark_changed(record)
                 await self.store.put(record)
             except BaseException as exc:
                 await asyncio.shield(self._discard_failed(record))
@@ -315,6 +344,7 @@ class SandboxManager:
             del self._by_name[record.name]
         self._locks.pop(record.id, None)
         self._stats.pop(record.id, None)
+        self._changed.pop(record.id, None)
         for runner in self._execs.pop(record.id, ()):
             runner.abort(f"Sandbox '{record.name}' was removed while the command was running.")
         self.scheduler.set(record.id, None)
@@ -343,6 +373,7 @@ class SandboxManager:
         """Ask the engine, then record the new status durably (before the reply)."""
         await engine_call(self._cid(record))
         record.status = status
+        self.mark_changed(record)
         await self.store.put(record)
 
     async def extend(self, caller: Caller, ref: str, ttl: float) -> SandboxRecord:
@@ -354,11 +385,14 @@ class SandboxManager:
                 f"ttl {ttl:g} is over the policy's maximum of {max_ttl:g} seconds.",
                 {"policy": "max_ttl"},
             )
-        now = time.time()
-        record.expires_at = now + ttl if ttl else None
-        record.last_activity_at = now
-        await self.store.put(record)
-        self._rearm(record)
+        async with self._lock(record.id):  # ordered with a removal or expiry in progress
+            if self._by_id.get(record.id) is not record:
+                raise NotFound(f"No sandbox with id or name {ref!r}.", {"id": ref})
+            now = time.time()
+            record.expires_at = now + ttl if ttl else None
+            record.last_activity_at = now
+            await self.store.put(record)
+            self._rearm(record)
         self.publish("sandbox.extended", record, {"ttl": ttl})
         return record
 
@@ -366,13 +400,29 @@ class SandboxManager:
         record = self.lookup(caller, ref)
         await self._remove(record, cause="requested")
 
-    async def _remove(self, record: SandboxRecord, cause: str) -> None:
+    async def _remove(
+        self,
+        record: SandboxRecord,
+        cause: str,
+        recheck: Callable[[SandboxRecord], str | None] | None = None,
+    ) -> None:
+        """Remove the container and forget the sandbox. ``recheck`` (for expiry) is asked
+        again once the sandbox's lock is held: an extend that came in between wins."""
+        reason = None
         async with self._lock(record.id):
             if self._by_id.get(record.id) is not record:
                 return  # removed meanwhile
+            if recheck is not None:
+                reason = recheck(record)
+                if reason is None:
+                    self._rearm(record)
+                    return
             await self.engine.remove(record.container_id or container_name(record.id))
             self._forget(record)
             await self.store.delete(record.id)
+        if reason is not None:
+            log.info("sandbox_expired", sandbox_id=record.id, reason=reason)
+            self.publish("sandbox.expired", record, {"reason": reason})
         log.info("sandbox_removed", sandbox_id=record.id, cause=cause)
         self.publish("sandbox.removed", record, {"cause": cause})
 
@@ -454,15 +504,24 @@ class SandboxManager:
             timeout=args.get("timeout", self.config.defaults.exec_timeout),
             max_output=min(args.get("max_output", self.config.defaults.max_output), policy_cap),
         )
+        running_mine = self._execs_by_uid.get(caller.uid, 0)
+        if running_mine >= self.config.quota.max_execs:
+            raise QuotaExceeded(
+                f"You already have {running_mine} commands running, the most allowed at once; "
+                "wait for one to finish.",
+                {"limit": self.config.quota.max_execs, "used": running_mine},
+            )
         runner = BufferedExec(self.engine, self._cid(record), request)
+        self._execs_by_uid[caller.uid] = running_mine + 1
         running = self._execs.setdefault(record.id, set())
         running.add(runner)
         record.running_execs += 1
         self.touch(record)
-        self.publish("exec.started", record, {"cmd": request.cmd})
+        self.publish("exec.started", record, {"cmd": _summary(request.cmd)})
         try:
             result = await runner.run()
         finally:
+            self._execs_by_uid[caller.uid] -= 1
             running.discard(runner)
             record.running_execs -= 1
             if record.id in self._by_id:

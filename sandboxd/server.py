@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from .dispatcher import Dispatcher
+from .errors import ShuttingDown
 from .logsetup import RequestLog
 from .models import Caller
 from .protocol import (
@@ -84,7 +85,7 @@ def bind_unix_socket(path: str, group: str | None) -> socket.socket:
         raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o660)
+    # The umask above made it 0660; no chmod by path (a path can be swapped for a link).
     if group is not None:
         try:
             gid = grp.getgrnam(group).gr_gid
@@ -92,7 +93,7 @@ def bind_unix_socket(path: str, group: str | None) -> socket.socket:
             sock.close()
             os.unlink(path)
             raise StartupError(f"socket_group: no group named {group!r}") from None
-        os.chown(path, -1, gid)
+        os.chown(path, -1, gid, follow_symlinks=False)
     sock.listen(512)
     sock.setblocking(False)
     return sock
@@ -203,7 +204,7 @@ class Connection(asyncio.Protocol):
             return reply
         method = self.server.dispatcher.method(req.method)
         cancel = bool(method and method.cancel_on_disconnect)
-        task = asyncio.get_running_loop().create_task(self._finish(reply))
+        task = asyncio.get_running_loop().create_task(self._finish(req, reply))
         self.tasks[task] = cancel
         self.server.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -212,8 +213,18 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
         return None
 
-    async def _finish(self, reply: Awaitable[bytes]) -> None:
-        self.write(await reply)
+    async def _finish(self, req: Request, reply: Awaitable[bytes]) -> None:
+        try:
+            self.write(await reply)
+        except asyncio.CancelledError:
+            if self.server.dispatcher.shutting_down:
+                # Cut off at the end of the shutdown grace: still exactly one reply.
+                error = ShuttingDown(
+                    "The daemon stopped before this call finished; its outcome is unknown, "
+                    "check the sandbox's state when the daemon is back."
+                )
+                self.write(encode_response(req.msgid, error.to_wire(), None))
+            raise
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)

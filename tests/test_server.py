@@ -340,3 +340,39 @@ async def test_non_admin_sees_only_its_own_sandboxes(spawn_daemon: SpawnDaemon) 
             await root.remove(mine.id)
             if theirs:
                 await root.remove(theirs)
+
+
+async def test_bad_bodies_with_a_readable_msgid_are_answered_not_dropped(raw: Raw) -> None:
+    # A map with a non-string key, and a str that is not UTF-8: one bad request each.
+    await raw.send([0, 5, "sandbox.get", [{1: 2}]])
+    reply = await raw.recv()
+    assert reply[:2] == [1, 5] and reply[2][0] == "invalid_params"
+    bad_str = b"\x94\x00\x06\xabsandbox.get\x91\x81\xa2id\xa2\xff\xfe"  # {"id": <bad utf-8>}
+    await raw.send(raw=bad_str)
+    reply = await raw.recv()
+    assert reply[:2] == [1, 6] and reply[2][0] == "invalid_params"
+    await raw.send(raw=b"\x94\x00\x07\xa2\xff\xfe\x90")  # method name not UTF-8
+    reply = await raw.recv()
+    assert reply[:2] == [1, 7] and reply[2][0] == "invalid_request"
+    await raw.send([0, 8, "daemon.ping", []])
+    assert await raw.recv() == [1, 8, None, "pong"]
+
+
+async def test_a_call_cut_off_by_shutdown_still_gets_its_one_reply(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    d = spawn_daemon(config="shutdown_grace = 0.5\n")
+    async with SandboxClient(d.socket) as c:
+        sb = await c.create(ttl=300)
+    try:
+        conn = await Raw.open(d.socket)
+        await conn.send([0, 1, "sandbox.exec", [{"id": sb.id, "cmd": ["sleep", "30"]}]])
+        await asyncio.sleep(0.3)  # let the exec start before the signal
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        reply = await conn.recv(within=20)
+        assert reply[:2] == [1, 1] and reply[2][0] == "shutting_down"
+        await conn.close()
+        assert await asyncio.to_thread(d.proc.wait, 30) == 0
+    finally:
+        docker("rm", "-f", sb.container_id or "", check=False)
