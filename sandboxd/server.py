@@ -40,6 +40,7 @@ log = structlog.get_logger("sandboxd.server")
 REPLY_BATCH = 16  # inline replies written together (fewer syscalls, the client still overlaps)
 MAX_IN_FLIGHT = 1024  # per connection; past it we stop reading from that client
 MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a client that never reads is cut off here
+WRITE_HIGH_WATER = 1024 * 1024  # replies backed up this far: stop reading that client
 _ids = itertools.count(1)
 
 
@@ -121,6 +122,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         sock = transport.get_extra_info("socket")
         try:
             pid, uid, gid = peer_credentials(sock)
@@ -166,10 +168,29 @@ class Connection(asyncio.Protocol):
                 self.log.exception("close_callback_failed")
 
     def pause_writing(self) -> None:
+        # The client is not reading its replies: stop reading its requests too, so it
+        # cannot make the daemon buffer without bound (its own calls wait, no one else's).
         self._can_write.clear()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the client unless its replies back up or too many calls run."""
+        if self.transport is None or self.closed:
+            return
+        busy = len(self.tasks) >= MAX_IN_FLIGHT or (
+            self._reading_paused and len(self.tasks) >= MAX_IN_FLIGHT // 2
+        )
+        pause = busy or not self._can_write.is_set()
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     # CallContext ------------------------------------------------------
     def notify(self, method: str, params: list[Any]) -> None:
@@ -208,9 +229,8 @@ class Connection(asyncio.Protocol):
         self.tasks[task] = cancel
         self.server.tasks.add(task)
         task.add_done_callback(self._task_done)
-        if len(self.tasks) >= MAX_IN_FLIGHT and not self._reading_paused and self.transport:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        if len(self.tasks) >= MAX_IN_FLIGHT:
+            self._update_reading()
         return None
 
     async def _finish(self, req: Request, reply: Awaitable[bytes]) -> None:
@@ -229,10 +249,8 @@ class Connection(asyncio.Protocol):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)
         self.server.tasks.discard(task)
-        if self._reading_paused and len(self.tasks) < MAX_IN_FLIGHT // 2 and self.transport:
-            self._reading_paused = False
-            if not self.closed:
-                self.transport.resume_reading()
+        if self._reading_paused:
+            self._update_reading()
         self.server.task_finished()
 
     def _bad(self, bad: BadMessage) -> None:
