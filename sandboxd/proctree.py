@@ -10,8 +10,10 @@ the same container whose environment carries the exec's marker variable
 both starts a new session and clears its environment after being orphaned
 escapes. Each round stops (SIGSTOP)
 what it finds so nothing can fork away, until a round finds nothing new;
-then all get SIGKILL. Blocking file reads: call it in a thread. It must not
-touch processes outside the exec's container pid namespace.
+then all get SIGKILL. Signals go through pidfds opened before the namespace
+is re-checked, so a pid reused by another process is never hit. Blocking file
+reads: call it in a thread. It must not touch processes outside the exec's
+container pid namespace.
 """
 
 from __future__ import annotations
@@ -81,21 +83,44 @@ def kill_exec_tree(exec_pid: int, container_pid: int, exec_marker: str) -> int:
     if namespace is None or namespace == _pid_namespace(os.getpid()):
         return 0  # not a container we can see: never touch host processes
     marker = f"{MARKER_VAR}={exec_marker}\0".encode()
-    stopped: set[int] = set()
-    for _ in range(50):
-        targets = _find(exec_pid, _parent_map(namespace), marker) - stopped
-        targets.discard(container_pid)
-        if not targets:
-            break
-        for pid in targets:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
-        stopped |= targets
-    for pid in stopped:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(stopped)
+    handles: dict[int, int] = {}  # pid -> pidfd: signals reach that process, never a reuser
+    try:
+        for _ in range(50):
+            targets = _find(exec_pid, _parent_map(namespace), marker) - handles.keys()
+            targets.discard(container_pid)
+            if not targets:
+                break
+            for pid in targets:
+                fd = _open_in(pid, namespace)
+                if fd is not None:
+                    handles[pid] = fd
+                    _signal(fd, signal.SIGSTOP)
+        for fd in handles.values():
+            _signal(fd, signal.SIGKILL)
+        return len(handles)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def _open_in(pid: int, namespace: str) -> int | None:
+    """A pidfd for ``pid`` if it is (still) a process of ``namespace``; else None.
+
+    The namespace is checked after the pidfd is open, so a pid that was reused by a
+    process elsewhere in between is never signalled.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None  # gone already
+    if _pid_namespace(pid) != namespace:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _signal(fd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass  # exited meanwhile
