@@ -54,26 +54,15 @@ def admin_check(config: Config) -> tuple[int, set[int]]:
     return os.getuid(), gids
 
 
-def _supplementary_groups(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
-
-
-def make_is_admin(config: Config) -> Callable[[int, int, int], bool]:
+def make_is_admin(config: Config) -> Callable[[int, int, frozenset[int]], bool]:
     own_uid, admin_gids = admin_check(config)
 
-    def is_admin(uid: int, gid: int, pid: int) -> bool:
+    def is_admin(uid: int, gid: int, groups: frozenset[int]) -> bool:
         if uid in (0, own_uid):
             return True
         if not admin_gids:
             return False
-        return gid in admin_gids or bool(admin_gids & _supplementary_groups(pid))
+        return gid in admin_gids or bool(admin_gids & groups)
 
     return is_admin
 

@@ -48,6 +48,26 @@ class StartupError(Exception):
     """The daemon cannot start serving; the message is one line for the operator."""
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+def peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
+    """The peer's supplementary groups, as the kernel recorded them at connect time."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 4096)
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass
+    try:  # an older kernel: the process's current groups (it could have exited since)
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer of a Unix stream socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -128,7 +148,8 @@ class Connection(asyncio.Protocol):
             pid, uid, gid = peer_credentials(sock)
         except OSError:
             pid, uid, gid = 0, -1, -1
-        self.caller = Caller(uid=uid, gid=gid, pid=pid, admin=self.server.is_admin(uid, gid, pid))
+        admin = uid >= 0 and self.server.is_admin(uid, gid, peer_groups(sock, pid))
+        self.caller = Caller(uid=uid, gid=gid, pid=pid, admin=admin)
         self.log = log.bind(conn=self.id, uid=uid, pid=pid)
         self.log_request = RequestLog(conn=self.id, uid=uid, pid=pid)
         self.server.connections.add(self)
@@ -271,7 +292,11 @@ class Connection(asyncio.Protocol):
 
 class RpcServer:
     def __init__(
-        self, dispatcher: Dispatcher, *, max_frame: int, is_admin: Callable[[int, int, int], bool]
+        self,
+        dispatcher: Dispatcher,
+        *,
+        max_frame: int,
+        is_admin: Callable[[int, int, frozenset[int]], bool],
     ) -> None:
         self.dispatcher = dispatcher
         self.max_frame = max_frame

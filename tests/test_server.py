@@ -283,7 +283,7 @@ async def test_engine_refusal_is_engine_error(client: SandboxClient) -> None:
 # --- ownership ---------------------------------------------------------------------
 
 
-def as_user(uid: int, gid: int, work: Callable[[], Any]) -> Any:
+def as_user(uid: int, gid: int, work: Callable[[], Any], groups: tuple[int, ...] = ()) -> Any:
     """Run ``work`` in a forked child with another uid/gid; its JSON-able result."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -291,7 +291,7 @@ def as_user(uid: int, gid: int, work: Callable[[], Any]) -> Any:
         code = 1
         try:
             os.close(read_fd)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             os.write(write_fd, json.dumps(work()).encode())
@@ -376,3 +376,19 @@ async def test_a_call_cut_off_by_shutdown_still_gets_its_one_reply(
         assert await asyncio.to_thread(d.proc.wait, 30) == 0
     finally:
         docker("rm", "-f", sb.container_id or "", check=False)
+
+
+async def test_admin_group_members_see_everything(spawn_daemon: SpawnDaemon) -> None:
+    """Membership of the admin group counts through supplementary groups too."""
+    d = spawn_daemon(config='socket_group = "nogroup"\nadmin_group = "adm"\n')
+    os.chmod(d.workdir, 0o755)
+    adm = 4  # Debian's "adm" group
+
+    def info() -> dict[str, Any]:
+        result: dict[str, Any] = raw_call(d.socket, "daemon.info")[3]["caller"]
+        return result
+
+    member = await asyncio.to_thread(as_user, 65534, 65534, info, (adm,))
+    outsider = await asyncio.to_thread(as_user, 65534, 65534, info)
+    assert member["admin"] is True and member["uid"] == 65534
+    assert outsider["admin"] is False
