@@ -292,8 +292,7 @@ class SandboxManager:
                 await asyncio.shield(self._discard_failed(record))
                 if isinstance(exc, NotFound):
                     raise NotFound(
-                        f"Image {spec.image!r} is not on this host; build or pull it first "
-                        "(image.ensure).",
+                        f"Image {spec.image!r} is not on this host; build or pull it first.",
                         {"image": spec.image, **(exc.data or {})},
                     ) from None
                 raise
