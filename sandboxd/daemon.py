@@ -36,6 +36,7 @@ from .reconcile import EngineWatcher, Reconciler
 from .sandboxes import SandboxManager
 from .server import RpcServer, StartupError, bind_unix_socket
 from .state import StateStore
+from .tasks import cancel_and_wait
 
 log = structlog.get_logger("sandboxd.daemon")
 
@@ -160,9 +161,7 @@ async def serve(config: Config) -> int:
     await watcher.stop()
     await store.close()
     await bus.close()
-    watchdog.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watchdog
+    await cancel_and_wait(watchdog)
     await engine.close()
     if not activated:
         with contextlib.suppress(OSError):

@@ -33,6 +33,7 @@ from .models import (
     SandboxRecord,
 )
 from .sandboxes import SandboxManager
+from .tasks import cancel_and_wait
 from .units import parse_time
 
 log = structlog.get_logger("sandboxd.reconcile")
@@ -237,12 +238,8 @@ class EngineWatcher:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _follow(self) -> None:
         r = self.reconciler

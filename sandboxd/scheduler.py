@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from .tasks import cancel_and_wait
+
 log = structlog.get_logger("sandboxd.scheduler")
 
 
@@ -50,13 +52,8 @@ class DeadlineScheduler:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for task in list(self._running):
             task.cancel()
         if self._running:

@@ -89,7 +89,13 @@ def _ensure_image() -> None:
         subprocess.run(["bash", str(ROOT / "scripts" / "build-base-image.sh")], check=True)
 
 
-@pytest.fixture(scope="session", autouse=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "pure: pure logic, no Docker Engine (no engine start, no leak check)"
+    )
+
+
+@pytest.fixture(scope="session")
 def engine() -> None:
     """A running Docker Engine with the base image, for the whole session."""
     _ensure_engine()
@@ -221,7 +227,14 @@ def spawn_daemon(engine: None) -> Iterator[Callable[..., Daemon]]:
 
 @pytest.fixture(autouse=True)
 def no_leaked_containers(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail (and clean up after) a test that leaves sandbox containers behind."""
+    """Fail (and clean up after) a test that leaves sandbox containers behind.
+
+    Every test gets the engine and this check, except those marked ``pure``.
+    """
+    if request.node.get_closest_marker("pure") is not None:
+        yield
+        return
+    request.getfixturevalue("engine")
     before = labelled_containers()
     yield
     leaked = labelled_containers() - before

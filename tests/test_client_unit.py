@@ -50,16 +50,7 @@ from sandboxd.protocol import (
     encode_response,
 )
 
-
-@pytest.fixture(scope="session", autouse=True)
-def engine() -> None:
-    """These tests never touch Docker: override conftest's engine and image check."""
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_containers() -> Iterator[None]:
-    """These tests never touch Docker: override conftest's container-leak check."""
-    yield
+pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
 
 
 SANDBOX: dict[str, Any] = {

@@ -14,7 +14,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,7 @@ from sandboxd.models import Caller
 from sandboxd.params import validate
 from sandboxd.protocol import encode_notification
 
-
-@pytest.fixture(scope="session")
-def engine() -> None:
-    """No Docker Engine needed here (overrides the conftest one)."""
-
-
-@pytest.fixture
-def no_leaked_containers() -> Iterator[None]:
-    """No containers are made here (overrides the conftest one)."""
-    yield
+pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
 
 
 ADMIN = Caller(uid=0, gid=0, pid=1, admin=True)
@@ -642,6 +633,7 @@ async def test_close_ends_subscriptions_and_commits(Ctx: type[FakeCtx], tmp_path
 async def test_a_burst_in_one_turn_does_not_cut_off_a_reader_that_keeps_up(Ctx: type[FakeCtx],
     tmp_path: Path,
 ) -> None:
+
     b = EventBus(str(tmp_path), queue_size=100)
     await b.open()
     try:

@@ -6,7 +6,6 @@ or encodes messages and checks what comes out.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -33,16 +32,7 @@ from sandboxd.protocol import (
     encode_response,
 )
 
-
-@pytest.fixture(scope="session", autouse=True)
-def engine() -> None:
-    """These tests never touch Docker: override conftest's engine and image check."""
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_containers() -> Iterator[None]:
-    """These tests never touch Docker: override conftest's container-leak check."""
-    yield
+pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
 
 
 def pack(obj: Any) -> bytes:

@@ -41,19 +41,10 @@ from sandboxd.policy import resolve_create
 from sandboxd.scheduler import DeadlineScheduler
 from sandboxd.units import format_time, parse_size, parse_time
 
+pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
+
 MIB = 1024 * 1024
 
-
-# Pure tests need no engine and make no containers: these replace conftest's autouse
-# fixtures of the same names for this module only, saving two `docker ps` per test.
-@pytest.fixture(autouse=True)
-def engine() -> None:
-    return None
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_containers() -> None:
-    return None
 
 # -- demux ------------------------------------------------------------------
 
