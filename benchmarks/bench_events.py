@@ -49,6 +49,7 @@ from .common import (
     percentile,
     process_cpu_seconds,
     render_table,
+    run_benchmark,
     write_json,
 )
 
@@ -406,14 +407,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RpcError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_benchmark(main_async(args))
 
 
 if __name__ == "__main__":

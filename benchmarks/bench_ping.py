@@ -43,11 +43,11 @@ from .common import (
     REQUEST,
     RESPONSE,
     RpcClient,
-    RpcError,
     environment,
     peer_pid,
     process_cpu_seconds,
     render_table,
+    run_benchmark,
     write_json,
 )
 
@@ -418,14 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo_server:
         asyncio.run(echo_server(args.echo_server))
         return 0
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RpcError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_benchmark(main_async(args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,3 +272,16 @@ def write_json(path: str, report: dict[str, Any]) -> None:
     with open(path, "w") as fh:
         json.dump(report, fh, indent=2, sort_keys=False)
         fh.write("\n")
+
+
+def run_benchmark(main: Coroutine[Any, Any, int]) -> int:
+    """Run a benchmark's main coroutine: its status, 130 on Ctrl-C, 1 with one line on error."""
+    try:
+        status: int = asyncio.run(main)
+        return status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (RpcError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
