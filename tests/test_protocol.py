@@ -6,6 +6,7 @@ or encodes messages and checks what comes out.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import msgpack
@@ -357,3 +358,24 @@ def test_from_wire_tolerates_other_shapes() -> None:
     bare = from_wire("something broke")
     assert bare.code == "internal" and bare.message == "something broke"
     assert from_wire([b"not_found", "bin code", None]).code == "not_found"
+
+
+def test_random_and_mutated_bytes_never_raise() -> None:
+    """Whatever arrives, the decoder returns messages or BadMessage; it never raises."""
+    rng = random.Random(1234)
+    valid = encode_request(7, "sandbox.exec", [{"id": "abc", "cmd": ["echo", "hi"], "stdin": b"x"}])
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        else:
+            mutated = bytearray(valid * rng.randrange(1, 3))
+            for _ in range(rng.randrange(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            data = bytes(mutated)
+        decoder = Decoder(max_frame=4096)
+        cut = rng.randrange(len(data) + 1)
+        events = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
+        for event in events:
+            assert isinstance(event, (Request, Response, Notification, BadMessage))
+        if decoder.broken:
+            assert decoder.feed(valid) == []
