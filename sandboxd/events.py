@@ -67,7 +67,7 @@ def visible(caller: Caller, owner_uid: int | None) -> bool:
     Admins see everything; anyone sees events that belong to no user
     (``daemon.*``, ``image.*``); everyone else sees only their own.
     """
-    return caller.admin or owner_uid is None or owner_uid == caller.uid
+    return caller.sees(owner_uid)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,11 @@ class Caller:
     pid: int
     admin: bool
 
+    def sees(self, owner_uid: int | None) -> bool:
+        """The one ownership rule (SPEC §4): admins see everything, anyone sees what
+        belongs to no user (daemon and image events), everyone else only their own."""
+        return self.admin or owner_uid is None or owner_uid == self.uid
+
     def to_wire(self) -> dict[str, Any]:
         return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "admin": self.admin}
 

@@ -143,15 +143,12 @@ class SandboxManager:
         log.info("sandbox_vanished", sandbox_id=record.id, cause=cause)
         self.publish("sandbox.removed", record, {"cause": cause})
 
-    def visible(self, caller: Caller, record: SandboxRecord) -> bool:
-        return caller.admin or record.owner_uid == caller.uid
-
     def lookup(self, caller: Caller, ref: str) -> SandboxRecord:
         record = self._by_id.get(ref)
         if record is None:
             sid = self._by_name.get(ref)
             record = self._by_id.get(sid) if sid else None
-        if record is None or not self.visible(caller, record):
+        if record is None or not caller.sees(record.owner_uid):
             raise NotFound(f"No sandbox with id or name {ref!r}.", {"id": ref})
         return record
 
@@ -160,7 +157,7 @@ class SandboxManager:
     ) -> list[SandboxRecord]:
         out = []
         for record in self._by_id.values():
-            if not self.visible(caller, record):
+            if not caller.sees(record.owner_uid):
                 continue
             if status is not None and record.status != status:
                 continue

@@ -246,7 +246,13 @@ def check_consistent(d: Daemon) -> dict[str, str]:
     """Every container of the instance is a listed sandbox (one each), or a 'created'
     one the daemon lists as 'creating' (its cut-short create, removed after a grace).
     Returns each sandbox id's outcome."""
-    containers = instance_containers(d.instance)
+    deadline = time.monotonic() + 15
+    while True:  # a cut-short create past its grace may be mid-removal: let it settle
+        containers = instance_containers(d.instance)
+        if all(info["state"] != "removing" for info in containers.values()):
+            break
+        assert time.monotonic() < deadline, f"containers stuck removing: {containers}"
+        time.sleep(0.05)
     listed = {sb["id"]: sb for sb in call(d, "sandbox.list")}
     per_sandbox: dict[str, list[str]] = {}
     for cid, info in containers.items():
