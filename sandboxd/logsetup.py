@@ -101,16 +101,21 @@ _writer: BatchingWriter | None = None
 _fast_requests = False
 _quoted: dict[str, str] = {}  # method name -> its JSON string
 _request_level_on = True
-_second = [-1, ""]
+_second: list[Any] = [-1, ""]
+STAMP_RESOLUTION = 0.0001  # request lines within 100 µs of each other share a timestamp
+_stamp: list[Any] = [0.0, ""]
 
 
-def fast_timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    """RFC 3339 UTC timestamp with microseconds; the date part is formatted once a second."""
-    now = time.time()
+def _rfc3339(now: float) -> str:
+    """RFC 3339 UTC with microseconds; the date part is formatted once a second."""
     sec = int(now)
     if sec != _second[0]:
         _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    event["timestamp"] = f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
+    return f"{_second[1]}.{int((now - sec) * 1e6):06d}Z"
+
+
+def fast_timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["timestamp"] = _rfc3339(time.time())
     return event
 
 
@@ -186,9 +191,8 @@ class RequestLog:
                 self._log.info("request", method=method, msgid=msgid, outcome=outcome, ms=ms)
             return
         now = time.time()
-        sec = int(now)
-        if sec != _second[0]:
-            _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        if now - _stamp[0] >= STAMP_RESOLUTION:  # a burst of requests shares one stamp
+            _stamp[0], _stamp[1] = now, _rfc3339(now)
         # outcome is one of our own codes and ms a float: only the method needs escaping.
         quoted = _quoted.get(method)
         if quoted is None:
@@ -198,7 +202,7 @@ class RequestLog:
         _writer.write(
             f'{self._prefix}"method":{quoted},"msgid":{msgid},'
             f'"outcome":"{outcome}","ms":{ms},"event":"request","level":"info",'
-            f'"timestamp":"{_second[1]}.{int((now - sec) * 1e6):06d}Z"}}\n'
+            f'"timestamp":"{_stamp[1]}"}}\n'
         )
 
 
