@@ -25,7 +25,8 @@ from .proctree import MARKER_VAR, kill_exec_tree
 
 log = structlog.get_logger("sandboxd.exec")
 
-EXIT_POLL_DELAYS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+# The engine usually reports the exit a few ms after the output ends: poll finely at first.
+EXIT_POLL_DELAYS = (0.0,) + (0.001,) * 10 + (0.002,) * 5 + (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 EXIT_WAIT_LIMIT = 5.0
 DRAIN_AFTER_KILL = 5.0
 OUTPUT_AFTER_EXIT = 0.5  # once the process is gone, how long its last output may take

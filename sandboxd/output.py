@@ -2,10 +2,13 @@
 
 Owns the ``max_output`` rule of SPEC §3: output over the cap keeps its head
 and its tail with a marker between, and the writer is never blocked by the
-cap (bytes past it are counted and dropped, not refused). Pure: no I/O.
+cap (bytes past it are counted and dropped, not refused). Chunks are kept as
+they come and joined once at the end. Pure: no I/O.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 
 def _marker(omitted: int) -> bytes:
@@ -18,8 +21,9 @@ class OutputCapture:
     def __init__(self, limit: int) -> None:
         self.limit = max(0, limit)
         self.total = 0
-        self._head = bytearray()
-        self._tail = bytearray()
+        self._head: list[bytes] = []  # the first bytes, up to _head_cap once truncated
+        self._tail: deque[bytes] = deque()  # the latest bytes, at least _tail_cap of them
+        self._tail_size = 0
         # Room reserved for the marker so head + marker + tail stays within the limit.
         reserve = len(_marker(2**63))
         if self.limit <= reserve + 2:  # too small for a marker: keep the head alone
@@ -30,33 +34,37 @@ class OutputCapture:
             self._tail_cap = usable - self._head_cap
 
     def append(self, data: bytes) -> None:
-        self.total += len(data)
-        if self.total <= self.limit:
-            # Everything so far fits: keep it whole (split between head and tail later).
-            self._head += data
+        if not data:
             return
-        if len(self._head) > self._head_cap:
-            spill = self._head[self._head_cap :]
-            del self._head[self._head_cap :]
-            self._tail += spill
-        room = self._head_cap - len(self._head)
-        if room > 0:
-            self._head += data[:room]
-            data = data[room:]
-        self._tail += data
-        if len(self._tail) > 2 * self._tail_cap + 65536:
-            del self._tail[: len(self._tail) - self._tail_cap]
+        before = self.total
+        self.total += len(data)
+        if before <= self.limit:
+            # While everything fits, all of it goes to the head; once past the limit the
+            # head keeps its first _head_cap bytes and the rest moves to the tail.
+            self._head.append(data)
+            if self.total <= self.limit:
+                return
+            joined = b"".join(self._head)
+            self._head = [joined[: self._head_cap]]
+            data = joined[self._head_cap :]
+            if not data:
+                return
+        self._tail.append(data)
+        self._tail_size += len(data)
+        while self._tail and self._tail_size - len(self._tail[0]) >= self._tail_cap:
+            self._tail_size -= len(self._tail.popleft())
 
     @property
     def truncated(self) -> bool:
         return self.total > self.limit
 
     def result(self) -> bytes:
+        head = b"".join(self._head)
         if not self.truncated:
-            return bytes(self._head)
+            return head
         if self._tail_cap == 0:
-            return bytes(self._head[: self.limit])
-        tail = bytes(self._tail[-self._tail_cap :])
-        omitted = self.total - len(self._head) - len(tail)
-        out = bytes(self._head) + _marker(omitted) + tail
+            return head[: self.limit]
+        tail = b"".join(self._tail)[-self._tail_cap :]
+        omitted = self.total - len(head) - len(tail)
+        out = head + _marker(omitted) + tail
         return out[: self.limit] if len(out) > self.limit else out
