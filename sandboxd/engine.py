@@ -161,13 +161,6 @@ class Engine:
             async with self.docker._query(f"containers/{cid}/unpause", method="POST"):
                 pass
 
-    async def kill(self, cid: str, signal: str = "SIGKILL") -> None:
-        with translate("kill the container"):
-            async with self.docker._query(
-                f"containers/{cid}/kill", method="POST", params={"signal": signal}
-            ):
-                pass
-
     async def remove(self, cid: str) -> bool:
         """Force-remove (SIGKILL, no stop grace). False when it was already gone."""
         try:
@@ -250,13 +243,6 @@ class Engine:
             result: dict[str, Any] = await self.docker._query_json(f"exec/{exec_id}/json")
             return result
 
-    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
-        with translate("resize an exec's terminal"):
-            async with self.docker._query(
-                f"exec/{exec_id}/resize", method="POST", params={"h": rows, "w": cols}
-            ):
-                pass
-
     async def events(
         self, label: str, actions: list[str], since: float | None = None
     ) -> AsyncIterator[dict[str, Any]]:
@@ -284,34 +270,3 @@ class Engine:
                                 yield json.loads(line)
                             except ValueError:
                                 continue
-
-    async def ping(self) -> bool:
-        with translate("answer a ping"):
-            async with self.docker._query("_ping", timeout=aiohttp.ClientTimeout(total=2)):
-                return True
-
-    # images -------------------------------------------------------------
-    async def image_inspect(self, ref: str) -> dict[str, Any]:
-        with translate("inspect the image"):
-            result: dict[str, Any] = await self.docker._query_json(f"images/{ref}/json")
-            return result
-
-    async def image_list(self) -> list[dict[str, Any]]:
-        with translate("list images"):
-            result: list[dict[str, Any]] = await self.docker._query_json("images/json")
-            return result
-
-    async def image_pull(self, ref: str) -> AsyncIterator[dict[str, Any]]:
-        with translate("pull the image"):
-            async for item in self.docker.images.pull(ref, stream=True):
-                yield dict(item)
-
-    async def commit(self, cid: str, repo: str, tag: str, labels: dict[str, str]) -> str:
-        with translate("snapshot the container"):
-            result = await self.docker._query_json(
-                "commit",
-                method="POST",
-                params={"container": cid, "repo": repo, "tag": tag, "pause": "true"},
-                data=json.dumps({"Labels": labels}),
-            )
-            return str(result["Id"])
