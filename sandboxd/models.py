@@ -64,7 +64,6 @@ class SandboxRecord:
     idle_timeout: float | None = None
     last_activity_at: float = 0.0
     container_id: str | None = None
-    running_execs: int = 0
 
     def container_labels(self, instance: str) -> dict[str, str]:
         labels = {

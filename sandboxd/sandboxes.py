@@ -131,7 +131,6 @@ class SandboxManager:
 
     def register(self, record: SandboxRecord) -> None:
         """Add a known sandbox (adopted at start-up) and arm its deadline."""
-        record.running_execs = 0
         self._by_id[record.id] = record
         self._by_name.setdefault(record.name, record.id)
         self._rearm(record)
@@ -215,7 +214,7 @@ class SandboxManager:
         if record.expires_at is not None and record.expires_at <= now:
             return "ttl"
         if record.idle_timeout is not None:
-            if record.running_execs > 0:
+            if self._execs.get(record.id):
                 self.touch(record)  # a running exec is activity
                 return None
             if record.last_activity_at + record.idle_timeout <= now:
@@ -511,7 +510,6 @@ class SandboxManager:
         self._execs_by_uid[caller.uid] = running_mine + 1
         running = self._execs.setdefault(record.id, set())
         running.add(runner)
-        record.running_execs += 1
         self.touch(record)
         self.publish("exec.started", record, {"cmd": _summary(request.cmd)})
         try:
@@ -519,7 +517,6 @@ class SandboxManager:
         finally:
             self._execs_by_uid[caller.uid] -= 1
             running.discard(runner)
-            record.running_execs -= 1
             if record.id in self._by_id:
                 self.touch(record)
         self.publish(

@@ -29,16 +29,12 @@ import orjson
 from .models import SandboxRecord
 
 TOUCH_DELAY = 1.0
-_RECORD_FIELDS = {f.name for f in fields(SandboxRecord)}
-_TRANSIENT = {"running_execs"}
-
-
-_PERSISTED = tuple(name for name in _RECORD_FIELDS if name not in _TRANSIENT)
+_RECORD_FIELDS = tuple(f.name for f in fields(SandboxRecord))
 
 
 def record_to_json(record: SandboxRecord) -> str:
     # A flat record: no deep copy (asdict) needed; orjson copies what it encodes.
-    return orjson.dumps({name: getattr(record, name) for name in _PERSISTED}).decode()
+    return orjson.dumps({name: getattr(record, name) for name in _RECORD_FIELDS}).decode()
 
 
 def record_from_json(text: str) -> SandboxRecord:
