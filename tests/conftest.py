@@ -117,20 +117,26 @@ def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None, timeout: fl
     raise RuntimeError(f"no daemon answered on {path} within {timeout} s")
 
 
+def call_on(sock: socket.socket, request: list[Any], within: float = 10) -> Any:
+    """Send one msgpack-RPC request on ``sock`` and read the first message back."""
+    sock.settimeout(within)
+    sock.sendall(msgpack.packb(request, use_bin_type=True))
+    unpacker = msgpack.Unpacker(raw=False)
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the daemon closed the connection without an answer")
+        unpacker.feed(data)
+        for obj in unpacker:
+            return obj
+
+
 def raw_call(path: str, method: str, params: list[Any] | None = None, timeout: float = 10) -> Any:
     """One msgpack-RPC request over a fresh connection; the raw response array."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(msgpack.packb([0, 1, method, params or []], use_bin_type=True))
-        unpacker = msgpack.Unpacker(raw=False)
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("the daemon closed the connection")
-            unpacker.feed(data)
-            for obj in unpacker:
-                return obj
+        return call_on(sock, [0, 1, method, params or []], timeout)
 
 
 class Daemon:

@@ -20,10 +20,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import msgpack
 import pytest
+from conftest import call_on
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0  # the daemon's start-up: imports, state dir, adopting containers
@@ -120,20 +120,6 @@ def _wait_for(condition: Callable[[], bool], daemon: Daemon, within: float, what
         time.sleep(0.02)
 
 
-def _call(sock: socket.socket, request: list[Any], within: float) -> Any:
-    """Send one msgpack-RPC request and read the first message back."""
-    sock.settimeout(within)
-    sock.sendall(msgpack.packb(request))
-    unpacker = msgpack.Unpacker(raw=False)
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise AssertionError("the daemon closed the connection without an answer")
-        unpacker.feed(data)
-        for message in unpacker:
-            return message
-
-
 def test_socket_activation_serves_a_client_that_came_first(
     short_dir: Path, spawn: Callable[[list[str], dict[str, str]], Daemon]
 ) -> None:
@@ -157,7 +143,7 @@ def test_socket_activation_serves_a_client_that_came_first(
         # systemd-socket-activate execs the daemon only once this connection
         # arrives: the client connects and writes before the daemon runs.
         client.connect(str(path))
-        assert _call(client, PING, START_TIMEOUT) == PONG
+        assert call_on(client, PING, START_TIMEOUT) == PONG
     # The same process (exec, not fork) now is the daemon.
     cmdline = Path(f"/proc/{daemon.proc.pid}/cmdline").read_bytes().split(b"\0")
     assert b"sandboxd" in cmdline and b"serve" in cmdline
@@ -217,7 +203,7 @@ def test_notify_ready_watchdog_stopping(
     # READY=1 means serving: a client connecting now is answered.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(str(path))
-        assert _call(client, PING, 10) == PONG
+        assert call_on(client, PING, 10) == PONG
     ping = notify_listener.wait_for("WATCHDOG=1", daemon, 5, start=ready + 1)
     # Pings keep coming, one per interval, while the daemon idles.
     notify_listener.wait_for("WATCHDOG=1", daemon, 5, start=ping + 1)
