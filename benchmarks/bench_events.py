@@ -39,7 +39,7 @@ from typing import Any
 
 import msgpack
 
-from sandboxd.units import parse_time
+from sandboxd.wire.units import parse_time
 
 from .common import (
     RpcClient,

@@ -2,9 +2,9 @@
 
 This package root owns the public names: the asyncio ``SandboxClient``, the
 blocking ``Client``, the data models, and the error classes re-exported from
-``sandboxd.errors`` (so ``except sandboxd_client.NotFound`` works). It must
+``sandboxd.wire.errors`` (so ``except sandboxd_client.NotFound`` works). It must
 not import aiodocker or any part of the daemon: from ``sandboxd`` only
-``sandboxd.protocol``, ``sandboxd.errors`` and the package root are allowed.
+``sandboxd.wire.codec``, ``sandboxd.wire.errors`` and the package root are allowed.
 
     async with SandboxClient() as c:
         sb = await c.create(ttl=60)
@@ -14,7 +14,7 @@ not import aiodocker or any part of the daemon: from ``sandboxd`` only
         print(c.create(ttl=60).exec(["echo", "hi"]).stdout)
 """
 
-from sandboxd.errors import (
+from sandboxd.wire.errors import (
     Conflict,
     ConnectionLost,
     DeadlineExceeded,

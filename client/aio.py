@@ -6,7 +6,7 @@ notifications to registered callbacks, and failing every pending call with
 ``ConnectionLost`` the moment the connection drops, so that no call ever
 waits forever. It also defines the typed methods and the async ``Sandbox``
 handle. It must not import aiodocker or any part of ``sandboxd`` other than
-``sandboxd.protocol`` and ``sandboxd.errors``; it must not retry or reconnect
+``sandboxd.wire.codec`` and ``sandboxd.wire.errors``; it must not retry or reconnect
 behind the caller's back (a lost connection is reported, never hidden).
 """
 
@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
-from sandboxd.errors import ConnectionLost, from_wire
-from sandboxd.protocol import (
+from sandboxd.wire.codec import (
     MAX_MSGID,
     BadMessage,
     Decoder,
@@ -35,6 +34,7 @@ from sandboxd.protocol import (
     encode_request,
     encode_response,
 )
+from sandboxd.wire.errors import ConnectionLost, from_wire
 
 from . import models
 from .events import EventStream
@@ -207,7 +207,8 @@ class SandboxClient:
                 data = await reader.read(_READ_SIZE)
                 if not data:
                     break
-                stop = self._handle(decoder.feed(data), where)
+                decoder.feed(data)
+                stop = self._handle(list(decoder), where)
                 if stop is not None:
                     reason = stop
                     break
@@ -312,7 +313,7 @@ class SandboxClient:
 
         Arguments whose value is None are omitted (the daemon's default then
         applies); params go on the wire as ``[{...}]``, or ``[]`` when none.
-        An error reply raises the ``sandboxd.errors`` class of its code.
+        An error reply raises the ``sandboxd.wire.errors`` class of its code.
         """
         return await self.call_raw(method, _params(params))
 

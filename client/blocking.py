@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from sandboxd.errors import ConnectionLost
+from sandboxd.wire.errors import ConnectionLost
 
 from . import aio, models
 from .aio import DEFAULT_CLIENT_MAX_FRAME, NotificationHandler

@@ -21,8 +21,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from sandboxd import __version__
-from sandboxd.errors import ConnectionLost, NotFound, SandboxdError
+from sandboxd.wire.errors import ConnectionLost, NotFound, SandboxdError
+from sandboxd.wire.version import __version__
 
 from .aio import SandboxClient
 from .events import Event

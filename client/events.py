@@ -13,7 +13,7 @@ still retains and no duplicate.
 The reconnecting is explicit and owned here, never hidden in ``aio``: a
 stream opens its own ``SandboxClient`` connections to the same socket after
 the first one is lost and closes them when it ends. It must not import
-aiodocker or the daemon (only ``sandboxd.errors`` and ``sandboxd.protocol``
+aiodocker or the daemon (only ``sandboxd.wire.errors`` and ``sandboxd.wire.codec``
 through ``aio``).
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from sandboxd.errors import ConnectionLost, EngineUnavailable, SandboxdError, ShuttingDown
+from sandboxd.wire.errors import ConnectionLost, EngineUnavailable, SandboxdError, ShuttingDown
 
 from .models import _as_map, _extra, _int, _names, _opt_str, _str, _to_dict
 

@@ -1,16 +1,16 @@
-"""Client-only error classes, each a subclass of a ``sandboxd.errors`` class.
+"""Client-only error classes, each a subclass of a ``sandboxd.wire.errors`` class.
 
 This module owns the errors that only the client side can raise: failing to
 reach the daemon at all, and a reply whose shape the client cannot use. It
 must not define anything that crosses the wire; the wire codes and their
-classes live in ``sandboxd.errors``, which is the single source for them.
+classes live in ``sandboxd.wire.errors``, which is the single source for them.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from sandboxd.errors import ConnectionLost, SandboxdError
+from sandboxd.wire.errors import ConnectionLost, SandboxdError
 
 
 class ConnectFailed(ConnectionLost):

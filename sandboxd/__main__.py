@@ -1,5 +1,5 @@
 """``python -m sandboxd``: the same as the ``sandboxd`` command."""
 
-from .cli import main
+from sandboxd.cli import main
 
 main()

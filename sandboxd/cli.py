@@ -1,8 +1,11 @@
 """The ``sandboxd`` command line: ``sandboxd serve [--socket PATH] [--config FILE]``.
 
 Owns flag parsing, loading the configuration (one clear line and exit 2 on
-a bad one), logging set-up and running the event loop. It must not contain
-daemon logic.
+a bad one), logging set-up, running the event loop, and how the process
+ends: a start-up failure is one line on stderr and exit 1 (never a
+traceback), an unexpected failure later is logged (with its traceback, in
+the log) and exit 1, and every log line written before any exit reaches
+stdout. It must not contain daemon logic.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import asyncio
 import sys
 
 import click
+import structlog
 
-from . import __version__
-from .config import ConfigError, load_config
-from .logsetup import configure_logging, flush_logs
-from .server import StartupError
+from sandboxd.config import ConfigError, load_config
+from sandboxd.logsetup import configure_logging, flush_logs
+from sandboxd.rpc.server import StartupError
+from sandboxd.wire.version import __version__
 
 
 @click.group()
@@ -65,15 +69,22 @@ def serve(
         click.echo(f"sandboxd: config error: {exc}", err=True)
         sys.exit(2)
     configure_logging(config.log_level, config.log_format)
-    from .daemon import serve as run  # imported late: aiodocker is heavy
-
     try:
+        from sandboxd.daemon import serve as run  # imported late: aiodocker is heavy
+
         code = asyncio.run(run(config))
     except StartupError as exc:
         flush_logs()
         click.echo(f"sandboxd: cannot start: {exc}", err=True)
         sys.exit(1)
-    flush_logs()
+    except Exception as exc:
+        structlog.get_logger("sandboxd").exception("daemon_failed")
+        flush_logs()
+        click.echo(f"sandboxd: stopped by an unexpected error: {type(exc).__name__}: {exc}",
+                   err=True)
+        sys.exit(1)
+    finally:
+        flush_logs()
     sys.exit(code)
 
 

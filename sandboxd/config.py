@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .units import parse_size
+from sandboxd.core.settings import Defaults, Policy, Quota
+from sandboxd.wire.units import parse_size
 
 MIB = 1024 * 1024
 
@@ -24,59 +25,9 @@ class ConfigError(Exception):
 
 
 @dataclass
-class Defaults:
-    image: str = "sandboxd/base"
-    memory: int = 512 * MIB
-    cpus: float = 1.0
-    pids: int = 256
-    ttl: float = 300.0
-    idle_timeout: float | None = None
-    workdir: str = "/workspace"
-    network: str = "none"
-    max_output: int = 1 * MIB
-    exec_timeout: float | None = None
-    # The sandbox's idle main process, run under Docker's init.
-    command: list[str] = field(default_factory=lambda: ["sleep", "infinity"])
-    nofile: int = 1024
-
-
-@dataclass
-class Policy:
-    images: list[str] | None = None  # fnmatch patterns; None allows any
-    max_memory: int | None = None
-    max_cpus: float | None = None
-    max_pids: int | None = None
-    max_ttl: float | None = None  # None: ttl 0 (no expiry) is allowed
-    max_output: int = 16 * MIB
-    networks: list[str] = field(default_factory=lambda: ["none"])
-    cap_add: list[str] = field(default_factory=list)
-    user: str | None = None  # when set, every sandbox runs as this user
-    readonly_rootfs: bool = False  # when true, every sandbox's rootfs is read-only
-    max_env: int = 256
-    max_labels: int = 64
-    max_label_bytes: int = 8192  # keys and values of one sandbox's labels, together
-
-
-@dataclass
-class Quota:
-    max_sandboxes: int | None = None
-    max_memory: int | None = None
-    max_execs: int = 64  # commands running at once, per uid
-
-
-@dataclass
 class EventsConfig:
     retain: int = 10000
     queue_size: int = 1024  # per subscription; a subscriber this far behind is cut off
-
-
-@dataclass
-class PoolConfig:
-    image: str = "sandboxd/base"
-    memory: int = 512 * MIB
-    cpus: float = 1.0
-    pids: int = 256
-    size: int = 1
 
 
 def _default_socket() -> str:
@@ -114,7 +65,6 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     quota: Quota = field(default_factory=Quota)
     events: EventsConfig = field(default_factory=EventsConfig)
-    pool: list[PoolConfig] = field(default_factory=list)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -174,13 +124,10 @@ def _apply_table(config: Config, data: Mapping[str, Any], source: str) -> None:
                 raise ConfigError(f"{source}: [{name}] must be a table")
             _fill(getattr(config, name), value, f"{source}: [{name}] ")
         elif name == "pool":
-            if not isinstance(value, list) or not all(isinstance(p, dict) for p in value):
-                raise ConfigError(f"{source}: pool must be written as [[pool]] tables")
-            config.pool = []
-            for i, table in enumerate(value):
-                pool = PoolConfig()
-                _fill(pool, table, f"{source}: [[pool]] #{i + 1} ")
-                config.pool.append(pool)
+            raise ConfigError(
+                f"{source}: [[pool]]: warm pools are not available in this version; "
+                "remove the [[pool]] tables"
+            )
         else:
             _fill(config, {name: value}, f"{source}: ")
 

@@ -1,62 +1,75 @@
-"""The daemon's life: wire the parts together, serve, and stop in order.
+"""The daemon's life: wire the layers together, serve, and stop in order.
 
-Owns start-up (listener bound or inherited from systemd, readiness
-notification, the watchdog and the scheduler) and the ordered, bounded
-shutdown: tell systemd STOPPING=1, stop accepting, let in-flight calls finish
-within the grace period, cancel the rest, close connections, leave the
-sandboxes running (or remove them when configured to). It must not
-implement any RPC method itself.
+Owns the wiring (the Docker backend injected into the services, the services
+into the RPC methods), start-up (state loaded, engine synced or given up on
+after a short wait, listener bound or inherited from systemd, readiness,
+watchdog, scheduler) and the ordered, bounded, exception-safe shutdown: tell
+systemd STOPPING=1, stop accepting, let in-flight calls finish within the
+grace period, cancel the rest (their clean-up bounded too), let subscribers
+receive ``daemon.stopping``, close connections, leave the sandboxes running
+(or remove them when configured to, asking systemd for more time as it
+goes). A second SIGTERM or SIGINT exits at once. Any failure before the
+daemon is ready is a ``StartupError``. It must not implement any RPC method
+itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import grp
 import os
 import signal
 import socket
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from . import __version__, systemd
-from .config import Config
-from .dispatcher import Dispatcher
-from .engine import Engine
-from .eventlog import EventLogError
-from .eventmethods import build_event_methods
-from .events import EventBus
-from .methods import App, build_methods
-from .models import SandboxRecord
-from .reconcile import EngineWatcher, Reconciler
-from .sandboxes import SandboxManager
-from .server import RpcServer, StartupError, bind_unix_socket
-from .state import StateStore
-from .tasks import cancel_and_wait
+from sandboxd import systemd
+from sandboxd.backend.docker import DockerBackend
+from sandboxd.config import Config
+from sandboxd.core.records import SandboxRecord
+from sandboxd.logsetup import flush_logs
+from sandboxd.rpc.dispatcher import Dispatcher
+from sandboxd.rpc.methods.daemon import build_daemon_methods
+from sandboxd.rpc.methods.events import build_event_methods
+from sandboxd.rpc.methods.exec import build_exec_methods
+from sandboxd.rpc.methods.sandbox import build_sandbox_methods
+from sandboxd.rpc.server import RpcServer, StartupError, bind_unix_socket
+from sandboxd.services.eventbus import EventBus
+from sandboxd.services.execs import ExecService
+from sandboxd.services.health import engine_info
+from sandboxd.services.reconcile import EngineWatcher, Reconciler
+from sandboxd.services.registry import Registry
+from sandboxd.services.sandboxes import SandboxService
+from sandboxd.services.tasks import cancel_and_wait
+from sandboxd.store.eventlog import EventLogError
+from sandboxd.store.state import StateStore
+from sandboxd.wire.version import __version__
 
 log = structlog.get_logger("sandboxd.daemon")
 
 GC_THRESHOLD = 20_000
 STARTUP_SYNC_WAIT = 3.0  # seconds to wait for the engine before serving without it
-
-
-def admin_check(config: Config) -> tuple[int, set[int]]:
-    """(daemon uid, admin gids) for deciding who is an admin."""
-    gids: set[int] = set()
-    if config.admin_group:
-        try:
-            gids.add(grp.getgrnam(config.admin_group).gr_gid)
-        except KeyError:
-            raise StartupError(f"admin_group: no group named {config.admin_group!r}") from None
-    return os.getuid(), gids
+STEP_MIN = 0.5  # every shutdown step gets at least this long, even past the grace
+CLEANUP_EXTEND = 30.0  # seconds asked of systemd at a time while removing sandboxes
 
 
 def make_is_admin(config: Config) -> Callable[[int, int, frozenset[int]], bool]:
-    own_uid, admin_gids = admin_check(config)
+    """Who is an admin: root, the daemon's own uid, and members of ``admin_group``."""
+    admin_gids: set[int] = set()
+    if config.admin_group:
+        try:
+            admin_gids.add(grp.getgrnam(config.admin_group).gr_gid)
+        except KeyError:
+            raise StartupError(f"admin_group: no group named {config.admin_group!r}") from None
+    own_uid = os.getuid()
 
     def is_admin(uid: int, gid: int, groups: frozenset[int]) -> bool:
         if uid in (0, own_uid):
@@ -75,15 +88,27 @@ def _listener(config: Config) -> tuple[socket.socket, bool]:
     return bind_unix_socket(config.socket, config.socket_group), False
 
 
-async def serve(config: Config) -> int:
-    """Run until SIGTERM/SIGINT; the exit status."""
-    loop = asyncio.get_running_loop()
-    notifier = systemd.Notifier.from_env()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+@dataclass
+class Daemon:
+    """Every long-lived part, wired; built by ``build`` and run by ``serve``."""
 
-    engine = Engine(config.engine_url)
+    config: Config
+    backend: DockerBackend
+    store: StateStore
+    bus: EventBus
+    registry: Registry
+    sandboxes: SandboxService
+    execs: ExecService
+    watcher: EngineWatcher
+    server: RpcServer
+
+
+async def build(config: Config) -> Daemon:
+    """Open the state and wire the layers; ``StartupError`` for anything that stops it."""
+    is_admin = make_is_admin(config)
+    backend = DockerBackend(
+        config.engine_url, command=config.defaults.command, nofile=config.defaults.nofile
+    )
     store = StateStore(config.state_dir)
     bus = EventBus(
         config.state_dir, retain=config.events.retain, queue_size=config.events.queue_size
@@ -106,39 +131,89 @@ async def serve(config: Config) -> int:
             data=data,
         )
 
-    manager = SandboxManager(engine, config, store, publish)
+    registry = Registry(store)
+    sandboxes = SandboxService(
+        backend, registry, instance=config.instance, policy=config.policy,
+        quota=config.quota, publish=publish,
+    )
+    execs = ExecService(
+        backend, registry, sandboxes.deadlines, defaults=config.defaults,
+        policy=config.policy, quota=config.quota, publish=publish,
+    )
     try:
-        adopted = await manager.load()
+        await sandboxes.load()
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"state_dir {config.state_dir}: {exc}") from None
     watcher = EngineWatcher(
-        Reconciler(manager, engine, config.instance, config.create_grace),
+        Reconciler(sandboxes, backend, config.instance, config.create_grace),
         relist_interval=config.relist_interval,
     )
-    app = App(config=config, engine=engine, manager=manager)
-    dispatcher = Dispatcher(build_methods(app) + build_event_methods(bus))
-    server = RpcServer(dispatcher, max_frame=config.max_frame, is_admin=make_is_admin(config))
-    sock, activated = _listener(config)
-    path = sock.getsockname() or config.socket
-    watcher.start()
-    # Ready once the engine's view is adopted, or without it when the engine is away.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(watcher.synced.wait(), timeout=STARTUP_SYNC_WAIT)
-    await server.start(sock)
-    manager.scheduler.start()
-    watchdog = loop.create_task(notifier.run_watchdog())
+    dispatcher = Dispatcher(
+        build_daemon_methods(registry, functools.partial(engine_info, backend))
+        + build_sandbox_methods(sandboxes, config.defaults, config.policy)
+        + build_exec_methods(execs, config.max_frame)
+        + build_event_methods(bus)
+    )
+    server = RpcServer(dispatcher, max_frame=config.max_frame, is_admin=is_admin)
+    return Daemon(config, backend, store, bus, registry, sandboxes, execs, watcher, server)
+
+
+def _exit_at_once(sig: int) -> None:
+    log.warning("second_signal", signal=signal.Signals(sig).name)
+    flush_logs()
+    os._exit(128 + sig)
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT; the exit status. ``StartupError`` when it cannot start."""
+    loop = asyncio.get_running_loop()
+    notifier = systemd.Notifier.from_env()
+    stop = asyncio.Event()
+
+    def on_signal(sig: int) -> None:
+        if stop.is_set():
+            _exit_at_once(sig)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        d = await build(config)
+    except StartupError:
+        raise
+    except Exception as exc:  # a bug or an unforeseen environment: still one clear line
+        raise StartupError(f"{type(exc).__name__}: {exc}") from exc
+    watchdog: asyncio.Task[None] | None = None
+    activated = False
+    try:
+        sock, activated = _listener(config)
+        path = sock.getsockname() or config.socket
+        d.watcher.start()
+        # Ready once the engine's view is adopted, or without it when the engine is away.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(d.watcher.synced.wait(), timeout=STARTUP_SYNC_WAIT)
+        await d.server.start(sock)
+        d.sandboxes.deadlines.start()
+        watchdog = loop.create_task(notifier.run_watchdog())
+    except BaseException as exc:
+        await shutdown(d, notifier, None, activated, started=False)
+        if isinstance(exc, StartupError):
+            raise
+        if isinstance(exc, Exception):
+            raise StartupError(f"{type(exc).__name__}: {exc}") from exc
+        raise
     log.info(
         "daemon_started",
         version=__version__,
         socket=path,
         socket_activated=activated,
         pid=os.getpid(),
-        sandboxes=adopted,
-        engine_reachable=watcher.reachable,
+        sandboxes=d.registry.count(),
+        engine_reachable=d.watcher.reachable,
     )
-    bus.publish(
+    d.bus.publish(
         "daemon.started",
-        data={"version": __version__, "pid": os.getpid(), "sandboxes": manager.count()},
+        data={"version": __version__, "pid": os.getpid(), "sandboxes": d.registry.count()},
     )
     # Start-up objects (modules, config, adopted records) never become garbage: keep them
     # out of every collection, and collect less often (a request allocates a few objects).
@@ -147,24 +222,73 @@ async def serve(config: Config) -> int:
     notifier.ready(f"serving on {path}")
 
     await stop.wait()
+    return await shutdown(d, notifier, watchdog, activated, started=True)
 
-    notifier.stopping(f"stopping: finishing {server.in_flight()} calls")
-    bus.publish("daemon.stopping", data={"in_flight": server.in_flight()})
-    log.info("daemon_stopping", in_flight=server.in_flight())
-    server.stop_accepting()
-    cancelled = await server.drain(config.shutdown_grace)
-    await bus.deliver_pending(within=1.0)
-    server.close_connections()
-    if config.cleanup_on_exit:
-        await manager.remove_all()
-    await manager.scheduler.stop()
-    await watcher.stop()
-    await store.close()
-    await bus.close()
-    await cancel_and_wait(watchdog)
-    await engine.close()
-    if not activated:
+
+async def shutdown(
+    d: Daemon,
+    notifier: systemd.Notifier,
+    watchdog: asyncio.Task[None] | None,
+    activated: bool,
+    *,
+    started: bool,
+) -> int:
+    """Stop in order within ``shutdown_grace`` in total; every step runs whatever
+    the others did. The exit status: 0, or 1 when a step failed."""
+    config = d.config
+    deadline = time.monotonic() + config.shutdown_grace
+    failures: list[str] = []
+
+    def left() -> float:
+        return max(STEP_MIN, deadline - time.monotonic())
+
+    async def step(name: str, work: Awaitable[Any], bounded: bool = True) -> None:
+        try:
+            async with asyncio.timeout(left() if bounded else None):
+                await work
+        except TimeoutError:
+            failures.append(name)
+            log.warning("shutdown_step_timed_out", step=name)
+        except Exception:
+            failures.append(name)
+            log.exception("shutdown_step_failed", step=name)
+
+    cancelled = 0
+    if started:
+        in_flight = d.server.in_flight()
+        notifier.stopping(f"stopping: finishing {in_flight} calls")
+        with contextlib.suppress(Exception):
+            d.bus.publish("daemon.stopping", data={"in_flight": in_flight})
+        log.info("daemon_stopping", in_flight=in_flight)
+        d.server.stop_accepting()
+        # In-flight calls get the grace less a moment for the steps after them.
+        grace = max(0.0, config.shutdown_grace - 1.5)
+        try:
+            cancelled = await d.server.drain(grace, cleanup=max(0.5, left() - 1.0))
+        except Exception:
+            failures.append("drain")
+            log.exception("shutdown_step_failed", step="drain")
+        await step("deliver_events", d.bus.deliver_pending(within=min(1.0, left())))
+    d.server.close_connections()
+    if config.cleanup_on_exit and started:
+
+        def progress(remaining: int) -> None:
+            notifier.extend_timeout(CLEANUP_EXTEND)
+            notifier.status(f"stopping: removing sandboxes, {remaining} left")
+
+        progress(d.registry.count())
+        # Past the grace on purpose: each removal is bounded by the engine's call timeout,
+        # and systemd is asked for more time before each one.
+        await step("cleanup_on_exit", d.sandboxes.remove_all(progress), bounded=False)
+    await step("scheduler", d.sandboxes.deadlines.stop())
+    await step("engine_watch", d.watcher.stop())
+    await step("state", d.store.close())
+    await step("events", d.bus.close())
+    await step("watchdog", cancel_and_wait(watchdog))
+    await step("engine", d.backend.close())
+    if started and not activated:
         with contextlib.suppress(OSError):
             os.unlink(config.socket)
-    log.info("daemon_stopped", cancelled_calls=cancelled)
-    return 0
+    if started:
+        log.info("daemon_stopped", cancelled_calls=cancelled, failed_steps=failures)
+    return 1 if failures else 0

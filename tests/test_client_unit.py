@@ -35,22 +35,28 @@ from sandboxd_client import (
 )
 from sandboxd_client.cli import cli, parse_seconds
 
-from sandboxd.errors import (
-    ConnectionLost,
-    EngineError,
-    InvalidParams,
-    NotFound,
-    SandboxdError,
-)
-from sandboxd.protocol import (
+from sandboxd.wire.codec import (
     Decoder,
     Notification,
     Request,
     encode_notification,
     encode_response,
 )
+from sandboxd.wire.errors import (
+    ConnectionLost,
+    EngineError,
+    InvalidParams,
+    NotFound,
+    SandboxdError,
+)
 
 pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
+
+
+def decode(decoder: Decoder, data: bytes) -> list[Any]:
+    """Feed ``data`` and pull every message it completes."""
+    decoder.feed(data)
+    return list(decoder)
 
 
 SANDBOX: dict[str, Any] = {
@@ -122,7 +128,7 @@ class FakeServer:
         decoder = Decoder()
         try:
             while data := await reader.read(65536):
-                for msg in decoder.feed(data):
+                for msg in decode(decoder, data):
                     if isinstance(msg, Request):
                         if self.handler is None:
                             self.requests.put_nowait((conn, msg))
@@ -377,7 +383,9 @@ def test_client_imports_nothing_of_the_daemon() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
-    assert out.strip() == "['sandboxd.errors', 'sandboxd.protocol']"
+    loaded = out.strip().strip("[]").replace("'", "").split(", ")
+    assert "sandboxd.wire.codec" in loaded and "sandboxd.wire.errors" in loaded
+    assert all(m == "sandboxd.wire" or m.startswith("sandboxd.wire.") for m in loaded), loaded
 
 
 def test_cli_durations() -> None:

@@ -40,7 +40,7 @@ from sandboxd_client import (
     parse_time,
 )
 
-from sandboxd.state import TOUCH_DELAY  # activity timestamps are written behind by this
+from sandboxd.store.state import TOUCH_DELAY  # activity timestamps are written behind by this
 
 CREATE_GRACE = 2.0  # a cut-short create's container lives this long (config create_grace)
 

@@ -23,13 +23,21 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from sandboxd.errors import InvalidParams, NotFound, QuotaExceeded
-from sandboxd.eventlog import EventLogError, StoredEvent
-from sandboxd.eventmethods import build_event_methods
-from sandboxd.events import MAX_SUBSCRIPTIONS_PER_CONNECTION, EventBus, EventFilter, visible
-from sandboxd.models import Caller
-from sandboxd.params import validate
-from sandboxd.protocol import encode_notification
+from sandboxd.core.records import Caller
+from sandboxd.rpc.delivery import EventSender
+from sandboxd.rpc.delivery import subscribe as deliver_to
+from sandboxd.rpc.methods.events import build_event_methods
+from sandboxd.rpc.params import validate
+from sandboxd.services.eventbus import (
+    MAX_SUBSCRIPTIONS_PER_CONNECTION,
+    EventBus,
+    EventFilter,
+    Subscription,
+    visible,
+)
+from sandboxd.store.eventlog import EventLogError, StoredEvent
+from sandboxd.wire.codec import encode_notification
+from sandboxd.wire.errors import InvalidParams, NotFound, QuotaExceeded
 
 pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
 
@@ -119,10 +127,16 @@ async def settle(bus: EventBus) -> None:
             await asyncio.sleep(0.001)
             if bus.durable_seq != bus.last_seq:
                 continue
-            subs = [s for s in bus._subs.values() if not s.ctx.stuck]  # type: ignore[attr-defined]
+            subs = [s for s in bus._subs.values() if not sender(s).ctx.stuck]  # type: ignore[attr-defined]
             if all(not s.queue and not s.replay for s in subs):
                 await asyncio.sleep(0.002)
                 return
+
+
+def sender(sub: Subscription) -> EventSender:
+    """The delivery side of a subscription made with ``deliver_to``."""
+    assert isinstance(sub.sender, EventSender)
+    return sub.sender
 
 
 def sandbox_event(bus: EventBus, kind: str, sid: str = "sb1", name: str = "one",
@@ -198,7 +212,7 @@ def test_visibility_rule() -> None:
 async def test_visibility_through_the_bus(Ctx: type[FakeCtx], bus: EventBus) -> None:
     admin, alice, bob = Ctx(ADMIN), Ctx(ALICE), Ctx(BOB)
     for ctx in (admin, alice, bob):
-        bus.subscribe(ctx)
+        deliver_to(bus, ctx)
     bus.publish("daemon.started", data={"version": "x"})
     sandbox_event(bus, "sandbox.created", owner=1000)
     sandbox_event(bus, "sandbox.created", sid="sb2", name="two", owner=1001)
@@ -212,10 +226,10 @@ async def test_filters_through_the_bus_and_several_subscriptions(
     Ctx: type[FakeCtx], bus: EventBus,
 ) -> None:
     ctx = Ctx(ADMIN)
-    every = bus.subscribe(ctx).id
-    sandboxes = bus.subscribe(ctx, types=["sandbox.*"]).id
-    one = bus.subscribe(ctx, sandbox="one").id
-    team = bus.subscribe(ctx, labels={"team": "a"}).id
+    every = deliver_to(bus, ctx).id
+    sandboxes = deliver_to(bus, ctx, types=["sandbox.*"]).id
+    one = deliver_to(bus, ctx, sandbox="one").id
+    team = deliver_to(bus, ctx, labels={"team": "a"}).id
     assert len({every, sandboxes, one, team}) == 4
     bus.publish("daemon.started")
     sandbox_event(bus, "sandbox.created", labels={"team": "a"})
@@ -233,7 +247,7 @@ async def test_filters_through_the_bus_and_several_subscriptions(
 
 async def test_wire_event_and_monotonic_seq(Ctx: type[FakeCtx], bus: EventBus) -> None:
     ctx = Ctx(ALICE)
-    bus.subscribe(ctx)
+    deliver_to(bus, ctx)
     wire = sandbox_event(bus, "sandbox.extended", labels={"team": "a"}, ttl=60)
     assert set(wire) == {"seq", "time", "type", "sandbox_id", "sandbox_name", "owner_uid",
                          "data"}  # labels are internal
@@ -255,7 +269,7 @@ async def test_publish_is_synchronous_and_never_waits(Ctx: type[FakeCtx], bus: E
     assert not inspect.iscoroutinefunction(EventBus.publish)
     stuck = [Ctx(ADMIN, stuck=True) for _ in range(5)]
     for ctx in stuck:
-        bus.subscribe(ctx)
+        deliver_to(bus, ctx)
     bus.publish("daemon.tick")
     async with asyncio.timeout(5):
         while True:
@@ -281,7 +295,7 @@ async def test_events_are_delivered_only_once_committed(bus: EventBus) -> None:
             super().notify(method, params)
 
     ctx = Watching(ADMIN)
-    bus.subscribe(ctx)
+    deliver_to(bus, ctx)
     await asyncio.sleep(0.01)
     for _ in range(20):
         for _ in range(50):
@@ -310,9 +324,9 @@ def test_unencodable_data_is_refused_without_using_a_seq(tmp_path: Path) -> None
 
 async def test_unsubscribe_and_connection_close(Ctx: type[FakeCtx], bus: EventBus) -> None:
     a, b = Ctx(ADMIN), Ctx(ADMIN)
-    sa1 = bus.subscribe(a)
-    sa2 = bus.subscribe(a)
-    sb = bus.subscribe(b)
+    sa1 = deliver_to(bus, a)
+    sa2 = deliver_to(bus, a)
+    sb = deliver_to(bus, b)
     with pytest.raises(NotFound):
         bus.unsubscribe(a, "sub-nope")
     with pytest.raises(NotFound):
@@ -326,7 +340,7 @@ async def test_unsubscribe_and_connection_close(Ctx: type[FakeCtx], bus: EventBu
     a.close()
     assert bus.subscription_count == 1
     await asyncio.sleep(0)
-    assert sa2.task is not None and sa2.task.done()
+    assert sender(sa2).task is not None and sender(sa2).task.done()
     bus.publish("daemon.tick")
     await settle(bus)
     assert a.seqs() == [1] and b.seqs() == [1, 2]
@@ -335,9 +349,9 @@ async def test_unsubscribe_and_connection_close(Ctx: type[FakeCtx], bus: EventBu
 async def test_subscription_limit_per_connection(bus: EventBus) -> None:
     ctx = FakeCtx(ADMIN)
     for _ in range(MAX_SUBSCRIPTIONS_PER_CONNECTION):
-        bus.subscribe(ctx)
+        deliver_to(bus, ctx)
     with pytest.raises(QuotaExceeded):
-        bus.subscribe(ctx)
+        deliver_to(bus, ctx)
     ctx.close()
     assert bus.subscription_count == 0
 
@@ -375,16 +389,16 @@ async def test_since_replays_then_goes_live_without_gap_or_duplicate(
     for i in range(50):
         bus.publish("daemon.tick", data={"i": i})
     ctx = Ctx(ADMIN)
-    sub = bus.subscribe(ctx, since=20)
+    sub = deliver_to(bus, ctx, since=20)
     for i in range(50, 80):
         bus.publish("daemon.tick", data={"i": i})
     await settle(bus)
     assert ctx.seqs(sub.id) == list(range(21, 81))
 
     later = Ctx(ADMIN)
-    bus.subscribe(later, since=80)
+    deliver_to(bus, later, since=80)
     nothing = Ctx(ADMIN)
-    bus.subscribe(nothing, since=10_000)  # ahead of the log: live only
+    deliver_to(bus, nothing, since=10_000)  # ahead of the log: live only
     bus.publish("daemon.tick")
     await settle(bus)
     assert later.seqs() == [81] and nothing.seqs() == [81]
@@ -396,7 +410,7 @@ async def test_since_with_filter_and_visibility(Ctx: type[FakeCtx], bus: EventBu
     sandbox_event(bus, "exec.started", owner=1000)
     bus.publish("daemon.stopping")
     alice = Ctx(ALICE)
-    bus.subscribe(alice, since=0, types=["sandbox.*", "daemon.*"])
+    deliver_to(bus, alice, since=0, types=["sandbox.*", "daemon.*"])
     await settle(bus)
     assert alice.seqs() == [1, 4]
 
@@ -410,7 +424,7 @@ async def test_many_events_published_during_replay_keep_order(
         for i in range(5000):
             b.publish("daemon.tick", data={"i": i})
         ctx = Ctx(ADMIN)
-        b.subscribe(ctx, since=0)
+        deliver_to(b, ctx, since=0)
         for _ in range(10):
             for _ in range(100):
                 b.publish("daemon.tick")
@@ -441,9 +455,9 @@ async def test_persistence_across_close_and_open(tmp_path: Path) -> None:
         assert b2.last_seq == 5
         assert b2.publish("daemon.started")["seq"] == 6
         ctx = FakeCtx(ADMIN)
-        bus_sub = b2.subscribe(ctx, since=2)
+        bus_sub = deliver_to(b2, ctx, since=2)
         labelled = FakeCtx(ADMIN)
-        b2.subscribe(labelled, since=0, labels={"team": "a"})  # labels survive the restart
+        deliver_to(b2, labelled, since=0, labels={"team": "a"})  # labels survive the restart
         b2.publish("daemon.tick")
         await settle(b2)
         assert ctx.seqs(bus_sub.id) == [3, 4, 5, 6, 7]
@@ -460,7 +474,7 @@ async def test_retain_bound_in_memory_and_on_disk(tmp_path: Path) -> None:
     for i in range(250):
         b.publish("daemon.tick", data={"i": i})
     ctx = FakeCtx(ADMIN)
-    b.subscribe(ctx, since=5)  # older than retained: replay from the oldest retained
+    deliver_to(b, ctx, since=5)  # older than retained: replay from the oldest retained
     await settle(b)
     assert ctx.seqs() == list(range(151, 251))
     await b.close()
@@ -471,7 +485,7 @@ async def test_retain_bound_in_memory_and_on_disk(tmp_path: Path) -> None:
     smaller = EventBus(str(tmp_path), retain=10)  # retain lowered by configuration
     await smaller.open()
     ctx2 = FakeCtx(ADMIN)
-    smaller.subscribe(ctx2, since=0)
+    deliver_to(smaller, ctx2, since=0)
     await settle(smaller)
     assert ctx2.seqs() == list(range(241, 251))
     assert smaller.publish("daemon.tick")["seq"] == 251
@@ -493,10 +507,11 @@ def test_seq_survives_sigkill(tmp_path: Path) -> None:
     script = f"""
 import asyncio, os, signal, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-from sandboxd.events import EventBus
+from sandboxd.services.eventbus import EventBus
+from sandboxd.rpc.delivery import subscribe as deliver_to
 
 class Ctx:
-    from sandboxd.models import Caller
+    from sandboxd.core.records import Caller
     caller = Caller(0, 0, 0, True)
     closed = False
     def __init__(self): self.on_close = []; self.seen = 0
@@ -509,7 +524,7 @@ async def main():
     bus = EventBus({str(tmp_path)!r})
     await bus.open()
     ctx = Ctx()
-    bus.subscribe(ctx)
+    deliver_to(bus, ctx)
     for i in range(3000):
         bus.publish("daemon.tick", data={{"i": i}})
         if i % 100 == 0:
@@ -574,8 +589,8 @@ async def test_slow_subscriber_is_cut_off_while_another_gets_everything(
     Ctx: type[FakeCtx], bus: EventBus,
 ) -> None:
     slow, fast = Ctx(ADMIN, stuck=True), Ctx(ADMIN)
-    slow_sub = bus.subscribe(slow)
-    fast_sub = bus.subscribe(fast)
+    slow_sub = deliver_to(bus, slow)
+    fast_sub = deliver_to(bus, fast)
     total = 10_000
     for start in range(0, total, 250):
         for i in range(start, start + 250):
@@ -590,7 +605,7 @@ async def test_slow_subscriber_is_cut_off_while_another_gets_everything(
     assert slow.lagged() == [[slow_sub.id, {"next_seq": len(got) + 1}]]
     assert slow.notes[-1][0] == "events.lagged"  # nothing after the cut-off
     assert bus.subscription_count == 1
-    assert slow_sub.task is not None and slow_sub.task.done()
+    assert sender(slow_sub).task is not None and sender(slow_sub).task.done()
 
 
 async def test_lag_during_replay_names_the_first_missed_replayed_seq(
@@ -603,7 +618,7 @@ async def test_lag_during_replay_names_the_first_missed_replayed_seq(
             b.publish("daemon.tick")
         await settle(b)
         slow = Ctx(ADMIN, stuck=True)
-        sub = b.subscribe(slow, since=0)
+        sub = deliver_to(b, slow, since=0)
         await asyncio.sleep(0.01)  # the sender writes one batch, then waits forever
         got = slow.seqs()
         assert got == list(range(1, len(got) + 1)) and 0 < len(got) < 3000
@@ -618,11 +633,11 @@ async def test_close_ends_subscriptions_and_commits(Ctx: type[FakeCtx], tmp_path
     b = EventBus(str(tmp_path))
     await b.open()
     stuck = Ctx(ADMIN, stuck=True)
-    sub = b.subscribe(stuck)
+    sub = deliver_to(b, stuck)
     for _ in range(10):
         b.publish("daemon.tick")
     await b.close()
-    assert sub.task is not None and sub.task.done()
+    assert sender(sub).task is not None and sender(sub).task.done()
     assert b.subscription_count == 0
     b2 = EventBus(str(tmp_path))
     await b2.open()
@@ -638,8 +653,8 @@ async def test_a_burst_in_one_turn_does_not_cut_off_a_reader_that_keeps_up(Ctx: 
     await b.open()
     try:
         fast, slow = Ctx(ADMIN), Ctx(ADMIN, stuck=True)
-        b.subscribe(fast)
-        slow_sub = b.subscribe(slow)
+        deliver_to(b, fast)
+        slow_sub = deliver_to(b, slow)
         b.publish("daemon.tick")
         await settle(b)
         assert slow.drains == 1  # written one batch, now waiting for its client
@@ -664,7 +679,7 @@ async def test_pre_encoded_frames_are_exactly_the_protocol_encoding(bus: EventBu
             super().send_frame(frame)
 
     ctx = Capture(ADMIN)
-    sub = bus.subscribe(ctx)
+    sub = deliver_to(bus, ctx)
     wire = sandbox_event(bus, "sandbox.extended", ttl=1.5, note="é", blob=b"\x00\xff")
     await settle(bus)
     assert raw == [encode_notification("event", [sub.id, wire])]
@@ -677,13 +692,13 @@ async def test_direct_writes_stop_when_the_client_falls_behind(tmp_path: Path) -
     await b.open()
     try:
         ctx = FrameCtx(ADMIN, stuck=True)  # writable until the first frame
-        sub = b.subscribe(ctx)
+        sub = deliver_to(b, ctx)
         await asyncio.sleep(0.01)
         b.publish("daemon.tick")
         await settle(b)
         assert ctx.seqs() == [1] and ctx.frames == 1
         await asyncio.sleep(0.01)
-        assert sub.blocked  # the task now waits for the client to read
+        assert sender(sub).blocked  # the task now waits for the client to read
         for _ in range(11):
             b.publish("daemon.tick")
         assert ctx.lagged() == [[sub.id, {"next_seq": 2}]]
@@ -695,7 +710,7 @@ async def test_a_failed_write_keeps_delivering_and_is_retried(tmp_path: Path) ->
     b = EventBus(str(tmp_path))
     await b.open()
     ctx = FakeCtx(ADMIN)
-    b.subscribe(ctx)
+    deliver_to(b, ctx)
     real_append = b._log.append
     failures = [True, True]
 
@@ -715,7 +730,7 @@ async def test_a_failed_write_keeps_delivering_and_is_retried(tmp_path: Path) ->
     again = EventBus(str(tmp_path))
     await again.open()
     replay = FakeCtx(ADMIN)
-    again.subscribe(replay, since=0)
+    deliver_to(again, replay, since=0)
     await settle(again)
     assert replay.seqs() == [1, 2, 3]  # written with the first batch that succeeded
     await again.close()

@@ -1,4 +1,4 @@
-"""The msgpack-RPC codec (sandboxd.protocol) and the error mapping, with bytes alone.
+"""The msgpack-RPC codec (sandboxd.wire.codec) and the error mapping, with bytes alone.
 
 No sockets, no event loop, no daemon: every test feeds bytes to a ``Decoder``
 or encodes messages and checks what comes out.
@@ -12,15 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from sandboxd.errors import (
-    ERRORS_BY_CODE,
-    InvalidRequest,
-    NotFound,
-    SandboxdError,
-    TooLarge,
-    from_wire,
-)
-from sandboxd.protocol import (
+from sandboxd.wire.codec import (
     MAX_MSGID,
     BadMessage,
     Decoder,
@@ -32,8 +24,22 @@ from sandboxd.protocol import (
     encode_request,
     encode_response,
 )
+from sandboxd.wire.errors import (
+    ERRORS_BY_CODE,
+    InvalidRequest,
+    NotFound,
+    SandboxdError,
+    TooLarge,
+    from_wire,
+)
 
 pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
+
+
+def decode(decoder: Decoder, data: bytes) -> list[Any]:
+    """Feed ``data`` and pull every message it completes."""
+    decoder.feed(data)
+    return list(decoder)
 
 
 def pack(obj: Any) -> bytes:
@@ -43,7 +49,7 @@ def pack(obj: Any) -> bytes:
 def feed_all(decoder: Decoder, *chunks: bytes) -> list[Any]:
     out: list[Any] = []
     for chunk in chunks:
-        out.extend(decoder.feed(chunk))
+        out.extend(decode(decoder, chunk))
     return out
 
 
@@ -93,18 +99,18 @@ def test_one_byte_at_a_time() -> None:
 
 def test_several_messages_in_one_read() -> None:
     decoder = Decoder()
-    assert decoder.feed(STREAM) == STREAM_MESSAGES
-    assert decoder.feed(STREAM + STREAM) == STREAM_MESSAGES * 2
+    assert decode(decoder, STREAM) == STREAM_MESSAGES
+    assert decode(decoder, STREAM + STREAM) == STREAM_MESSAGES * 2
 
 
 def test_empty_feed_returns_nothing() -> None:
-    assert Decoder().feed(b"") == []
+    assert decode(Decoder(), b"") == []
 
 
 def test_many_small_frames_totalling_more_than_the_limit() -> None:
     frames = b"".join(encode_notification("n", [i]) for i in range(200))
     assert len(frames) > 256
-    got = Decoder(max_frame=64).feed(frames)
+    got = decode(Decoder(max_frame=64), frames)
     assert got == [Notification("n", [i]) for i in range(200)]
 
 
@@ -113,7 +119,7 @@ def test_many_small_frames_totalling_more_than_the_limit() -> None:
 
 @pytest.mark.parametrize("msg", STREAM_MESSAGES, ids=lambda m: type(m).__name__)
 def test_round_trip_each_kind(msg: Any) -> None:
-    assert Decoder().feed(encode_message(msg)) == [msg]
+    assert decode(Decoder(), encode_message(msg)) == [msg]
 
 
 def test_encoding_is_standard_msgpack_rpc() -> None:
@@ -129,7 +135,7 @@ def test_binary_payloads_stay_bytes_and_strings_stay_str() -> None:
     raw = msgpack.unpackb(frame, raw=False)  # bin vs str survives a plain decoder too
     assert isinstance(raw[2], str)
     assert isinstance(raw[3][0]["data"], bytes)
-    [req] = Decoder().feed(frame)
+    [req] = decode(Decoder(), frame)
     assert isinstance(req, Request)
     assert req.params[0]["data"] == b"\x00\x01\xfe\xff"
     assert isinstance(req.params[0]["path"], str)
@@ -138,12 +144,12 @@ def test_binary_payloads_stay_bytes_and_strings_stay_str() -> None:
 
 
 def test_method_name_as_bin_is_accepted() -> None:
-    got = Decoder().feed(pack([0, 4, b"daemon.ping", []]) + pack([2, b"event", ["s", {}]]))
+    got = decode(Decoder(), pack([0, 4, b"daemon.ping", []]) + pack([2, b"event", ["s", {}]]))
     assert got == [Request(4, "daemon.ping", []), Notification("event", ["s", {}])]
 
 
 def test_method_name_as_invalid_utf8_bin_is_invalid_request_with_msgid() -> None:
-    [bad] = Decoder().feed(pack([0, 4, b"\xff\xfe", []]))
+    [bad] = decode(Decoder(), pack([0, 4, b"\xff\xfe", []]))
     assert isinstance(bad, BadMessage)
     assert isinstance(bad.error, InvalidRequest)
     assert (bad.msgid, bad.fatal) == (4, False)
@@ -155,24 +161,24 @@ def test_method_name_as_invalid_utf8_bin_is_invalid_request_with_msgid() -> None
 @pytest.mark.parametrize("msgid", [0, 1, MAX_MSGID])
 def test_valid_msgids(msgid: int) -> None:
     assert MAX_MSGID == 2**32 - 1
-    assert Decoder().feed(pack([0, msgid, "m", []])) == [Request(msgid, "m", [])]
-    assert Decoder().feed(pack([1, msgid, None, 1])) == [Response(msgid, None, 1)]
+    assert decode(Decoder(), pack([0, msgid, "m", []])) == [Request(msgid, "m", [])]
+    assert decode(Decoder(), pack([1, msgid, None, 1])) == [Response(msgid, None, 1)]
 
 
 @pytest.mark.parametrize("msgid", [-1, 2**32, 2**63, 1.0, "1", None, True])
 def test_invalid_request_msgids_are_fatal(msgid: Any) -> None:
     decoder = Decoder()
-    [bad] = decoder.feed(pack([0, msgid, "m", []]))
+    [bad] = decode(decoder, pack([0, msgid, "m", []]))
     assert isinstance(bad, BadMessage)
     assert isinstance(bad.error, InvalidRequest)
     assert bad.msgid is None
     assert bad.fatal
-    assert decoder.feed(pack([0, 1, "m", []])) == []
+    assert decode(decoder, pack([0, 1, "m", []])) == []
 
 
 @pytest.mark.parametrize("msgid", [-1, 2**32])
 def test_invalid_response_msgids_are_fatal(msgid: int) -> None:
-    [bad] = Decoder().feed(pack([1, msgid, None, None]))
+    [bad] = decode(Decoder(), pack([1, msgid, None, None]))
     assert isinstance(bad, BadMessage)
     assert bad.fatal and bad.msgid is None
 
@@ -193,7 +199,7 @@ def test_invalid_response_msgids_are_fatal(msgid: int) -> None:
 )
 def test_invalid_request_with_readable_msgid_is_not_fatal(obj: list[Any]) -> None:
     decoder = Decoder()
-    got = decoder.feed(pack(obj) + pack([0, 10, "next", []]))
+    got = decode(decoder, pack(obj) + pack([0, 10, "next", []]))
     assert len(got) == 2
     bad, nxt = got
     assert isinstance(bad, BadMessage)
@@ -223,7 +229,7 @@ def test_invalid_request_with_readable_msgid_is_not_fatal(obj: list[Any]) -> Non
 )
 def test_invalid_shape_without_msgid_is_fatal(obj: Any) -> None:
     decoder = Decoder()
-    got = decoder.feed(pack(obj) + pack([0, 1, "m", []]))
+    got = decode(decoder, pack(obj) + pack([0, 1, "m", []]))
     assert len(got) == 1
     [bad] = got
     assert isinstance(bad, BadMessage)
@@ -245,7 +251,7 @@ def test_invalid_shape_without_msgid_is_fatal(obj: Any) -> None:
 )
 def test_non_msgpack_bytes_are_fatal(data: bytes) -> None:
     decoder = Decoder()
-    got = decoder.feed(data)
+    got = decode(decoder, data)
     assert got, "garbage must be reported, not swallowed"
     bad = got[-1]
     assert isinstance(bad, BadMessage)
@@ -254,7 +260,7 @@ def test_non_msgpack_bytes_are_fatal(data: bytes) -> None:
 
 
 def test_messages_before_garbage_are_still_delivered() -> None:
-    got = Decoder().feed(pack([0, 5, "m", []]) + b"\xc1" + pack([0, 6, "m", []]))
+    got = decode(Decoder(), pack([0, 5, "m", []]) + b"\xc1" + pack([0, 6, "m", []]))
     assert got[0] == Request(5, "m", [])
     assert len(got) == 2
     assert isinstance(got[1], BadMessage) and got[1].fatal
@@ -262,11 +268,11 @@ def test_messages_before_garbage_are_still_delivered() -> None:
 
 def test_decoder_returns_nothing_after_a_fatal_error() -> None:
     decoder = Decoder()
-    [bad] = decoder.feed(b"\xc1")
+    [bad] = decode(decoder, b"\xc1")
     assert isinstance(bad, BadMessage) and bad.fatal
     assert decoder.broken
-    assert decoder.feed(pack([0, 1, "m", []])) == []
-    assert decoder.feed(STREAM) == []
+    assert decode(decoder, pack([0, 1, "m", []])) == []
+    assert decode(decoder, STREAM) == []
 
 
 # -- frame size limit ----------------------------------------------------------------
@@ -284,7 +290,7 @@ def _too_large(got: list[Any]) -> BadMessage:
 
 def test_frame_over_limit_reports_too_large_with_msgid() -> None:
     big = encode_request(42, "files.write", [{"id": "a", "data": b"x" * 4096}])
-    assert _too_large(Decoder(max_frame=1024).feed(big)).msgid == 42
+    assert _too_large(decode(Decoder(max_frame=1024), big)).msgid == 42
 
 
 @pytest.mark.parametrize("step", [1, 3, 7, 100, 1000])
@@ -300,16 +306,16 @@ def test_frame_over_limit_after_a_good_frame_in_the_same_read() -> None:
     small = encode_request(1, "daemon.ping", [])
     big = encode_request(2, "files.write", [{"data": b"x" * 4096}])
     decoder = Decoder(max_frame=1024)
-    got = decoder.feed(small + big[:20]) + decoder.feed(big[20:])
+    got = decode(decoder, small + big[:20]) + decode(decoder, big[20:])
     assert got[0] == Request(1, "daemon.ping", [])
     assert _too_large(got[1:]).msgid == 2
 
 
 def test_frame_over_limit_without_msgid() -> None:
     big = encode_notification("exec.output", ["e", "stdout", b"y" * 5000])
-    assert _too_large(Decoder(max_frame=1024).feed(big)).msgid is None
+    assert _too_large(decode(Decoder(max_frame=1024), big)).msgid is None
     big_response = encode_response(3, None, b"y" * 5000)
-    assert _too_large(Decoder(max_frame=1024).feed(big_response)).msgid is None
+    assert _too_large(decode(Decoder(max_frame=1024), big_response)).msgid is None
 
 
 def test_frame_exactly_at_limit_is_accepted() -> None:
@@ -317,16 +323,16 @@ def test_frame_exactly_at_limit_is_accepted() -> None:
     base = len(encode_request(7, "m", [{"d": b"x" * 100}]))
     frame = encode_request(7, "m", [{"d": b"x" * (100 + limit - base)}])
     assert len(frame) == limit
-    [req] = Decoder(max_frame=limit).feed(frame)
+    [req] = decode(Decoder(max_frame=limit), frame)
     assert isinstance(req, Request)
     frame = encode_request(7, "m", [{"d": b"x" * (101 + limit - base)}])
-    assert _too_large(Decoder(max_frame=limit).feed(frame)).msgid == 7
+    assert _too_large(decode(Decoder(max_frame=limit), frame)).msgid == 7
 
 
 def test_nothing_after_too_large() -> None:
     decoder = Decoder(max_frame=64)
-    _too_large(decoder.feed(encode_request(1, "m", [{"d": b"x" * 100}])))
-    assert decoder.feed(encode_request(2, "m", [])) == []
+    _too_large(decode(decoder, encode_request(1, "m", [{"d": b"x" * 100}])))
+    assert decode(decoder, encode_request(2, "m", [])) == []
 
 
 # -- error mapping ------------------------------------------------------------------
@@ -374,8 +380,8 @@ def test_random_and_mutated_bytes_never_raise() -> None:
             data = bytes(mutated)
         decoder = Decoder(max_frame=4096)
         cut = rng.randrange(len(data) + 1)
-        events = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
+        events = decode(decoder, data[:cut]) + decode(decoder, data[cut:])
         for event in events:
             assert isinstance(event, (Request, Response, Notification, BadMessage))
         if decoder.broken:
-            assert decoder.feed(valid) == []
+            assert decode(decoder, valid) == []

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from sandboxd import lifecycle
+from sandboxd.backend.docker.demux import STDERR, STDIN, STDOUT, Demuxer, DemuxError
 from sandboxd.config import Config, ConfigError, load_config
-from sandboxd.demux import STDERR, STDIN, STDOUT, Demuxer, DemuxError
-from sandboxd.errors import Conflict, InvalidParams, PermissionDenied, TooLarge
-from sandboxd.output import OutputCapture
-from sandboxd.params import (
+from sandboxd.core import status as lifecycle
+from sandboxd.core.output import OutputCapture
+from sandboxd.core.policy import CreateSpec, resolve_create
+from sandboxd.rpc.params import (
     Field,
     binary,
     boolean,
@@ -37,11 +37,15 @@ from sandboxd.params import (
     string_map,
     validate,
 )
-from sandboxd.policy import resolve_create
-from sandboxd.scheduler import DeadlineScheduler
-from sandboxd.units import format_time, parse_size, parse_time
+from sandboxd.services.scheduler import DeadlineScheduler
+from sandboxd.wire.errors import Conflict, InvalidParams, PermissionDenied, TooLarge
+from sandboxd.wire.units import format_time, parse_size, parse_time
 
 pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
+
+
+def resolve(args: dict[str, Any], config: Config) -> CreateSpec:
+    return resolve_create(args, config.defaults, config.policy)
 
 MIB = 1024 * 1024
 
@@ -386,7 +390,6 @@ def test_config_builtin_defaults() -> None:
     assert cfg.defaults.max_output == MIB
     assert cfg.policy.networks == ["none"] and cfg.policy.cap_add == []
     assert cfg.events.retain == 10000
-    assert cfg.pool == []
 
 
 def test_config_file_values_are_parsed(tmp_path: Path) -> None:
@@ -402,9 +405,6 @@ max_memory = "1g"
 networks = ["none", "bridge"]
 [quota]
 max_sandboxes = 5
-[[pool]]
-image = "sandboxd/base"
-size = 2
 """)
     cfg = load_config(path, env={})
     assert cfg.socket == "/tmp/file.sock"
@@ -415,7 +415,14 @@ size = 2
     assert cfg.policy.max_memory == 1024**3
     assert cfg.policy.networks == ["none", "bridge"]
     assert cfg.quota.max_sandboxes == 5
-    assert len(cfg.pool) == 1 and cfg.pool[0].size == 2
+
+
+def test_config_pool_is_a_clear_error_until_pools_exist(tmp_path: Path) -> None:
+    """A [[pool]] is never parsed and then ignored: the daemon refuses to start with it."""
+    path = write(tmp_path, "[[pool]]\nimage = 'sandboxd/base'\nsize = 2\n")
+    with pytest.raises(ConfigError, match=r"\[\[pool\]\]") as info:
+        load_config(path, env={})
+    assert "\n" not in str(info.value) and "not available" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -425,7 +432,6 @@ size = 2
         ("[defaults]\nmemroy = '1g'", "memroy"),
         ("[policy]\nnetwork = ['none']", "network"),
         ("[nosuchsection]\na = 1", "nosuchsection"),
-        ("[[pool]]\nimage = 'x'\nbogus = 1", "bogus"),
     ],
 )
 def test_config_unknown_key_names_it(tmp_path: Path, text: str, key: str) -> None:
@@ -492,7 +498,7 @@ def config(**policy: Any) -> Config:
 
 
 def test_policy_defaults() -> None:
-    spec = resolve_create({}, Config())
+    spec = resolve({}, Config())
     assert spec.image == "sandboxd/base"
     assert (spec.memory, spec.cpus, spec.pids, spec.ttl) == (512 * MIB, 1.0, 256, 300.0)
     assert (spec.workdir, spec.network, spec.readonly_rootfs) == ("/workspace", "none", False)
@@ -501,7 +507,7 @@ def test_policy_defaults() -> None:
 
 
 def test_policy_explicit_values_are_kept() -> None:
-    spec = resolve_create(
+    spec = resolve(
         {"memory": 64 * MIB, "cpus": 0.5, "pids": 32, "ttl": 0, "name": "job-1",
          "labels": {"team": "a"}, "env": {"A": "1"}, "workdir": "/w", "idle_timeout": 0},
         Config(),
@@ -527,78 +533,78 @@ def test_policy_explicit_values_are_kept() -> None:
 )
 def test_policy_permission_denied(args: dict[str, Any], policy: str) -> None:
     with pytest.raises(PermissionDenied) as info:
-        resolve_create(args, Config())
+        resolve(args, Config())
     assert info.value.data == {"policy": policy}
 
 
 def test_policy_allow_lists() -> None:
     cfg = config(cap_add=["CAP_NET_BIND_SERVICE"], networks=["none", "bridge", "host"],
                  images=["sandboxd/*", "python:3.1?"])
-    spec = resolve_create({"cap_add": ["net_bind_service"], "network": "bridge"}, cfg)
+    spec = resolve({"cap_add": ["net_bind_service"], "network": "bridge"}, cfg)
     assert (spec.cap_add, spec.network) == (["NET_BIND_SERVICE"], "bridge")
     with pytest.raises(PermissionDenied):
-        resolve_create({"network": "host"}, cfg)  # never, whatever the config says
-    assert resolve_create({"image": "python:3.12"}, cfg).image == "python:3.12"
+        resolve({"network": "host"}, cfg)  # never, whatever the config says
+    assert resolve({"image": "python:3.12"}, cfg).image == "python:3.12"
     with pytest.raises(PermissionDenied, match="evil/image"):
-        resolve_create({"image": "evil/image"}, cfg)
+        resolve({"image": "evil/image"}, cfg)
     exact = config(images=["sandboxd/base:latest"])
-    assert resolve_create({"image": "sandboxd/base"}, exact).image == "sandboxd/base"
+    assert resolve({"image": "sandboxd/base"}, exact).image == "sandboxd/base"
 
 
 def test_policy_maxima() -> None:
     cfg = config(max_memory=256 * MIB, max_cpus=1.0, max_pids=100)
     with pytest.raises(PermissionDenied, match="memory"):
-        resolve_create({"memory": 257 * MIB}, cfg)
+        resolve({"memory": 257 * MIB}, cfg)
     with pytest.raises(PermissionDenied, match="cpus"):
-        resolve_create({"memory": 64 * MIB, "cpus": 1.0}, config(max_cpus=0.5))
+        resolve({"memory": 64 * MIB, "cpus": 1.0}, config(max_cpus=0.5))
     with pytest.raises(PermissionDenied, match="pids"):
-        resolve_create({"memory": 64 * MIB, "pids": 101}, cfg)
-    spec = resolve_create({"memory": 256 * MIB, "pids": 100}, cfg)
+        resolve({"memory": 64 * MIB, "pids": 101}, cfg)
+    spec = resolve({"memory": 256 * MIB, "pids": 100}, cfg)
     assert (spec.memory, spec.pids) == (256 * MIB, 100)
 
 
 def test_policy_bad_values_are_invalid_params() -> None:
     with pytest.raises(InvalidParams, match="memory"):
-        resolve_create({"memory": 1024}, Config())
+        resolve({"memory": 1024}, Config())
     with pytest.raises(InvalidParams, match="cpus"):
-        resolve_create({"cpus": (os.cpu_count() or 1) + 1}, Config())
+        resolve({"cpus": (os.cpu_count() or 1) + 1}, Config())
     with pytest.raises(InvalidParams, match="pids"):
-        resolve_create({"pids": 0}, Config())
+        resolve({"pids": 0}, Config())
     with pytest.raises(InvalidParams, match="workdir"):
-        resolve_create({"workdir": "relative"}, Config())
+        resolve({"workdir": "relative"}, Config())
     with pytest.raises(InvalidParams, match="name"):
-        resolve_create({"name": "0123456789ab"}, Config())  # looks like an id
+        resolve({"name": "0123456789ab"}, Config())  # looks like an id
     with pytest.raises(InvalidParams, match="name"):
-        resolve_create({"name": "-bad"}, Config())
+        resolve({"name": "-bad"}, Config())
     with pytest.raises(InvalidParams, match="Label"):
-        resolve_create({"labels": {"bad key": "v"}}, Config())
+        resolve({"labels": {"bad key": "v"}}, Config())
     with pytest.raises(InvalidParams, match="Environment"):
-        resolve_create({"env": {"A=B": "v"}}, Config())
+        resolve({"env": {"A=B": "v"}}, Config())
 
 
 def test_policy_ttl_with_max_ttl() -> None:
     cfg = config(max_ttl=600.0)
-    assert resolve_create({"ttl": 600}, cfg).ttl == 600
-    assert resolve_create({"ttl": 1}, cfg).ttl == 1
-    assert resolve_create({}, cfg).ttl == 300.0  # the default is within the maximum
+    assert resolve({"ttl": 600}, cfg).ttl == 600
+    assert resolve({"ttl": 1}, cfg).ttl == 1
+    assert resolve({}, cfg).ttl == 300.0  # the default is within the maximum
     with pytest.raises(PermissionDenied, match="expire") as info:
-        resolve_create({"ttl": 0}, cfg)  # no expiry is not allowed under a maximum
+        resolve({"ttl": 0}, cfg)  # no expiry is not allowed under a maximum
     assert info.value.data == {"policy": "max_ttl"}
     with pytest.raises(PermissionDenied, match="600"):
-        resolve_create({"ttl": 601}, cfg)
-    assert resolve_create({"ttl": 0}, Config()).ttl == 0  # allowed without a maximum
+        resolve({"ttl": 601}, cfg)
+    assert resolve({"ttl": 0}, Config()).ttl == 0  # allowed without a maximum
 
 
 def test_policy_readonly_and_user() -> None:
     cfg = config(readonly_rootfs=True, user="65534")
-    spec = resolve_create({}, cfg)
+    spec = resolve({}, cfg)
     assert (spec.readonly_rootfs, spec.user) == (True, "65534")
     with pytest.raises(PermissionDenied, match="read-only"):
-        resolve_create({"readonly_rootfs": False}, cfg)
+        resolve({"readonly_rootfs": False}, cfg)
     with pytest.raises(PermissionDenied, match="65534"):
-        resolve_create({"user": "root"}, cfg)
-    assert resolve_create({"user": "65534"}, cfg).user == "65534"
-    assert resolve_create({"readonly_rootfs": True}, Config()).readonly_rootfs is True
+        resolve({"user": "root"}, cfg)
+    assert resolve({"user": "65534"}, cfg).user == "65534"
+    assert resolve({"readonly_rootfs": True}, Config()).readonly_rootfs is True
 
 
 # -- lifecycle ----------------------------------------------------------------

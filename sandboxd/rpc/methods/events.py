@@ -5,17 +5,18 @@ events), the checks of their arguments, and the shape of their replies. The
 handlers are plain functions, so they run inline: a subscription's replay
 snapshot and its registration for live events happen in one step, and the
 reply is written before any of its events. It must not hold state or
-deliver events itself (``events.EventBus`` does both).
+deliver events itself (``services.eventbus`` and ``rpc.delivery`` do).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import params as p
-from .dispatcher import CallContext, Method
-from .errors import InvalidParams
-from .events import EventBus
+from sandboxd.rpc import params as p
+from sandboxd.rpc.delivery import subscribe as deliver_to
+from sandboxd.rpc.dispatcher import CallContext, Method
+from sandboxd.services.eventbus import EventBus
+from sandboxd.wire.errors import InvalidParams
 
 MAX_TYPES = 64
 MAX_SEQ = 2**63 - 1
@@ -36,14 +37,15 @@ def _type_patterns(name: str, value: Any) -> list[str]:
 
 def build_event_methods(bus: EventBus) -> list[Method]:
     def subscribe(ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
-        sub = bus.subscribe(
+        sub = deliver_to(
+            bus,
             ctx,
             types=args.get("types"),
             sandbox=args.get("sandbox"),
             labels=args.get("labels"),
             since=args.get("since"),
         )
-        return {"subscription": sub.id, "last_seq": bus.last_seq}
+        return {"subscription": sub.id, "last_seq": bus.last_seq_for(ctx.caller)}
 
     def unsubscribe(ctx: CallContext, args: dict[str, Any]) -> None:
         bus.unsubscribe(ctx, args["subscription"])

@@ -1,32 +1,27 @@
-"""The Unix-socket server: connections, framing, flow control and peer identity.
+"""One client connection: identity, framing, flow control, replies in any order.
 
-Owns the listening socket (bound fresh or inherited from systemd), refusing
-to start over a live daemon, replacing a stale socket file, mode 0660 and
-the configured group; one ``Connection`` per client, which reads the
-caller's uid/gid/pid with SO_PEERCRED, feeds bytes to the codec, hands
-requests to the dispatcher, writes replies in any order, limits in-flight
-work, and reports protocol errors. It must not know what any method does.
+Owns a ``Connection`` per client: it reads the caller's uid/gid/pid with
+SO_PEERCRED (and groups with SO_PEERGROUPS) once, feeds bytes to the codec
+and pulls requests one at a time, hands them to the dispatcher, writes
+replies in any order (inline replies batched per read), limits in-flight
+work, stops reading a client whose replies back up, and reports protocol
+errors. It must not know what any method does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import grp
 import itertools
-import os
 import socket
-import stat
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .dispatcher import Dispatcher
-from .errors import ShuttingDown
-from .logsetup import RequestLog
-from .models import Caller
-from .protocol import (
+from sandboxd.core.records import Caller
+from sandboxd.logsetup import RequestLog
+from sandboxd.wire.codec import (
     BadMessage,
     Decoder,
     Notification,
@@ -34,6 +29,10 @@ from .protocol import (
     encode_notification,
     encode_response,
 )
+from sandboxd.wire.errors import ShuttingDown
+
+if TYPE_CHECKING:
+    from sandboxd.rpc.server import RpcServer
 
 log = structlog.get_logger("sandboxd.server")
 
@@ -42,10 +41,6 @@ MAX_IN_FLIGHT = 1024  # per connection; past it we stop reading from that client
 MAX_WRITE_BUFFER = 256 * 1024 * 1024  # a client that never reads is cut off here
 WRITE_HIGH_WATER = 1024 * 1024  # replies backed up this far: stop reading that client
 _ids = itertools.count(1)
-
-
-class StartupError(Exception):
-    """The daemon cannot start serving; the message is one line for the operator."""
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
@@ -73,51 +68,6 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
-
-
-def bind_unix_socket(path: str, group: str | None) -> socket.socket:
-    """Bind a fresh listening socket at ``path``, mode 0660, refusing a live daemon."""
-    if os.path.lexists(path):
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISSOCK(mode):
-            raise StartupError(
-                f"{path} exists and is not a socket; remove it or choose another --socket"
-            )
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens
-        except OSError as exc:
-            raise StartupError(f"cannot check the existing socket {path}: {exc.strerror}") from None
-        else:
-            raise StartupError(f"another sandboxd is already serving on {path}")
-        finally:
-            probe.close()
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, mode=0o755, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    # The umask above made it 0660; no chmod by path (a path can be swapped for a link).
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            sock.close()
-            os.unlink(path)
-            raise StartupError(f"socket_group: no group named {group!r}") from None
-        os.chown(path, -1, gid, follow_symlinks=False)
-    sock.listen(512)
-    sock.setblocking(False)
-    return sock
 
 
 class Connection(asyncio.Protocol):
@@ -155,8 +105,21 @@ class Connection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Decode and handle requests until the buffer is empty or the client must wait.
+
+        The limits are checked for every request as it is decoded, so one read
+        full of requests cannot start more work than a connection may have.
+        """
         replies: list[bytes] = []  # replies of inline calls: one write for the whole read
-        for item in self.decoder.feed(data):
+        decoder = self.decoder
+        while not self._must_wait():
+            item = decoder.next()
+            if item is None:
+                break
             if type(item) is Request:
                 reply = self._handle(item)
                 if reply is not None:
@@ -174,6 +137,17 @@ class Connection(asyncio.Protocol):
             # A Response matches no request of ours: ignored (SPEC §2).
         if replies:
             self.write(replies[0] if len(replies) == 1 else b"".join(replies))
+        self._update_reading()
+
+    def _must_wait(self) -> bool:
+        """True while this client may not start more work: too many calls in flight,
+        or its replies backed up (it is not reading them)."""
+        if self.closed:
+            return True
+        if not self._can_write.is_set():
+            return True
+        limit = MAX_IN_FLIGHT // 2 if self._reading_paused else MAX_IN_FLIGHT
+        return len(self.tasks) >= limit
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -196,16 +170,13 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._can_write.set()
-        self._update_reading()
+        self._pump()
 
     def _update_reading(self) -> None:
-        """Read from the client unless its replies back up or too many calls run."""
+        """Read from the client only while it may start more work and nothing decoded waits."""
         if self.transport is None or self.closed:
             return
-        busy = len(self.tasks) >= MAX_IN_FLIGHT or (
-            self._reading_paused and len(self.tasks) >= MAX_IN_FLIGHT // 2
-        )
-        pause = busy or not self._can_write.is_set()
+        pause = self._must_wait()
         if pause and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -250,8 +221,6 @@ class Connection(asyncio.Protocol):
         self.tasks[task] = cancel
         self.server.tasks.add(task)
         task.add_done_callback(self._task_done)
-        if len(self.tasks) >= MAX_IN_FLIGHT:
-            self._update_reading()
         return None
 
     async def _finish(self, req: Request, reply: Awaitable[bytes]) -> None:
@@ -271,7 +240,7 @@ class Connection(asyncio.Protocol):
         self.tasks.pop(task, None)
         self.server.tasks.discard(task)
         if self._reading_paused:
-            self._update_reading()
+            self._pump()  # requests already received may start now
         self.server.task_finished()
 
     def _bad(self, bad: BadMessage) -> None:
@@ -290,55 +259,3 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class RpcServer:
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        *,
-        max_frame: int,
-        is_admin: Callable[[int, int, frozenset[int]], bool],
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.max_frame = max_frame
-        self.is_admin = is_admin
-        self.connections: set[Connection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.AbstractServer | None = None
-        self._idle = asyncio.Event()
-
-    async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
-
-    def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    def in_flight(self) -> int:
-        return len(self.tasks)
-
-    def task_finished(self) -> None:
-        if self.in_flight() == 0:
-            self._idle.set()
-
-    async def drain(self, grace: float) -> int:
-        """Let in-flight calls finish for up to ``grace`` seconds; cancel the rest."""
-        self.dispatcher.shutting_down = True
-        if self.in_flight():
-            self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout=grace)
-            except TimeoutError:
-                pass
-        leftover = list(self.tasks)
-        for task in leftover:
-            task.cancel()
-        if leftover:
-            await asyncio.gather(*leftover, return_exceptions=True)
-        return len(leftover)
-
-    def close_connections(self) -> None:
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()

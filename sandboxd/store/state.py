@@ -12,8 +12,8 @@ dropped at the next start anyway; FULL would add an fsync to every pause,
 resume and extend for no state that can outlive its container. Commits take
 tens of microseconds and run inline on the event loop. Last-activity updates
 are written behind (``touch``), batched: they are the only thing a crash may
-lose, by at most ``TOUCH_DELAY``. It must not decide anything: it stores and
-loads.
+lose, by at most ``TOUCH_DELAY``; a write-behind that fails is kept and
+retried, never dropped. It must not decide anything: it stores and loads.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ import sqlite3
 from dataclasses import fields
 
 import orjson
+import structlog
 
-from .models import SandboxRecord
+from sandboxd.core.records import SandboxRecord
+
+log = structlog.get_logger("sandboxd.store")
 
 TOUCH_DELAY = 1.0
 _RECORD_FIELDS = tuple(f.name for f in fields(SandboxRecord))
@@ -92,15 +95,30 @@ class StateStore:
         """Write the record behind, within ``TOUCH_DELAY`` (activity timestamps)."""
         self._dirty[record.id] = record
         if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(TOUCH_DELAY, self._flush_dirty)
+            self._schedule_flush()
 
     def _flush_dirty(self) -> None:
+        """Write the records touched since the last flush; on failure keep them and retry."""
         self._flush_handle = None
-        rows = [(r.id, record_to_json(r)) for r in self._dirty.values()]
-        self._dirty.clear()
-        if rows and self._db is not None:
-            self._put_rows(rows)
+        if not self._dirty or self._db is None:
+            return
+        batch = dict(self._dirty)
+        try:
+            self._put_rows([(r.id, record_to_json(r)) for r in batch.values()])
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("activity_write_failed", records=len(batch), error=str(exc))
+            self._schedule_flush()  # the records stay dirty: retried, never dropped
+            return
+        for sid, record in batch.items():
+            if self._dirty.get(sid) is record:
+                del self._dirty[sid]
+
+    def _schedule_flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (closing): close() flushes what is left
+        self._flush_handle = loop.call_later(TOUCH_DELAY, self._flush_dirty)
 
     async def close(self) -> None:
         if self._flush_handle is not None:

@@ -1,51 +1,49 @@
-"""The event bus: sequence numbers, retention, filters, visibility and fan-out (SPEC §3 events).
+"""The event bus: sequence numbers, retention, filters, visibility and subscriptions.
 
-Owns the one ordered stream of daemon events. ``publish`` gives each event
-the next ``seq``, keeps the last ``retain`` of them in memory for replay,
-and commits them to ``eventlog`` once per event-loop turn (one small WAL
-write, no fsync; the fsyncing checkpoints run on the bus's own thread, so
-the loop never waits on a disk flush). An event reaches subscribers only
-once committed, so a seq a client has seen is never handed out again after
-a crash (should the disk refuse the write, delivery goes on and the write
-is retried with the next batch).
+Owns the one ordered stream of daemon events (SPEC §3 events). ``publish``
+gives each event the next ``seq``, keeps the last ``retain`` of them in
+memory for replay, and commits them to ``store.eventlog`` once per event-loop
+turn (one small WAL write, no fsync; the fsyncing checkpoints run on the
+bus's own thread, so the loop never waits on a disk flush). An event reaches
+subscribers only once committed, so a seq a client has seen is never handed
+out again after a crash (should the disk refuse the write, delivery goes on
+and the write is retried with the next batch). Each event's wire form is
+built once, and encoded once with the wire codec, at publish.
 
 It owns subscriptions: their filters, the one visibility rule
 (``visible``), the replay of ``since`` with no gap and no duplicate against
-live events, the bounded per-subscription queue, the per-subscription
-sender task that writes ``event`` notifications and honours the
-connection's back-pressure, and the ``events.lagged`` cut-off of a
+live events, and the bounded per-subscription queue with the cut-off of a
 subscriber that cannot keep up: one whose queue holds ``queue_size`` events
-while its connection is not draining (the client is not reading). A burst
-the daemon makes within one loop turn never cuts off a reader that keeps
-up; its queue may then briefly hold up to ``max(queue_size, retain)``
-events (references to the retained ones, not copies).
+while its sender waits for its client to read. A burst the daemon makes
+within one loop turn never cuts off a reader that keeps up; its queue may
+then briefly hold up to ``max(queue_size, retain)`` events (references to
+the retained ones, not copies). Writing events to a connection is a
+``Sender``'s job (``rpc.delivery``): the bus wakes it and hands it batches.
 
 It must not know what an event means (the publishers decide that), parse
-wire arguments (``eventmethods`` does), or ever make ``publish`` wait.
+wire arguments, know about connections, or ever make ``publish`` wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
-import msgpack
 import structlog
 
-from .dispatcher import CallContext
-from .errors import NotFound, QuotaExceeded, ShuttingDown
-from .eventlog import EventLog, EventLogError, StoredEvent
-from .models import Caller
-from .units import format_time
+from sandboxd.core.records import Caller
+from sandboxd.store.eventlog import EventLog, EventLogError, StoredEvent
+from sandboxd.wire.codec import encode
+from sandboxd.wire.errors import NotFound, QuotaExceeded, ShuttingDown
+from sandboxd.wire.units import format_time
 
 log = structlog.get_logger("sandboxd.events")
 
@@ -53,12 +51,7 @@ DEFAULT_RETAIN = 10_000
 DEFAULT_QUEUE_SIZE = 1024
 MAX_SUBSCRIPTIONS_PER_CONNECTION = 256
 CHECKPOINT_EVERY = 256  # commits between two WAL checkpoints (on the writer thread)
-SEND_BATCH = 128  # events written per turn before the sender checks back-pressure
-
-
-# The msgpack of a notification ``[2, "event", [sid, Event]]`` up to ``sid``: fixarray(3),
-# 2, fixstr "event", fixarray(2). The test suite checks it against protocol's encoder.
-_EVENT_FRAME = b"\x93\x02\xa5event\x92"
+SEND_BATCH = 128  # events handed to a sender at once
 
 
 def visible(caller: Caller, owner_uid: int | None) -> bool:
@@ -133,151 +126,92 @@ def _wire(event: StoredEvent) -> dict[str, Any]:
 
 
 def _seal(event: StoredEvent) -> StoredEvent:
-    """Fill in the wire form once; a value msgpack cannot carry raises ``TypeError`` here."""
+    """Fill in the wire form once; a value the wire cannot carry raises ``TypeError`` here."""
     event.wire = _wire(event)
-    event.packed = msgpack.packb(event.wire, use_bin_type=True)
+    event.packed = encode(event.wire)
     return event
 
 
-@runtime_checkable
-class FrameSink(Protocol):
-    """What a connection may offer beyond ``CallContext`` for cheap fan-out (optional).
-
-    With it, each event is encoded once (at publish) for all subscribers, a
-    batch goes out in one write, and an idle subscriber on a connection that
-    is not back-pressured is written to directly, without waking its task.
-    """
+class Sender(Protocol):
+    """What writes a subscription's events to its client (``rpc.delivery``)."""
 
     @property
-    def writable(self) -> bool:
-        """False while ``drain()`` would wait (the client is behind) or the connection is gone."""
+    def closed(self) -> bool:
+        """The client is gone: nothing owed to it needs writing any more."""
         ...
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue bytes that are already msgpack-RPC messages (never waits)."""
+    @property
+    def blocked(self) -> bool:
+        """Waiting for the client to read what was written (it is behind)."""
+        ...
+
+    def wake(self) -> None:
+        """Owed events became durable: take them with ``Subscription.take``."""
+        ...
+
+    def cut_off(self, next_seq: int, reason: str | None) -> None:
+        """The bus ended the subscription (lag, or a failure): tell the client."""
+        ...
+
+    def stop(self) -> None:
+        """The subscription is over: write nothing more, end any task (never waits)."""
         ...
 
 
 class Subscription:
-    """One ``events.subscribe`` on one connection: its filter, queue and sender task."""
+    """One ``events.subscribe``: its filter, replay and queue; a ``Sender`` writes them."""
 
     def __init__(
         self,
         bus: EventBus,
         sid: str,
-        ctx: CallContext,
+        owner: object,
+        caller: Caller,
         event_filter: EventFilter,
-        replay: deque[StoredEvent],
     ) -> None:
         self.bus = bus
         self.id = sid
-        self.ctx = ctx
-        self.sink: FrameSink | None = ctx if isinstance(ctx, FrameSink) else None
-        # ``["event", [sid, Event]]`` as a notification, all but the Event's own bytes.
-        self._prefix = _EVENT_FRAME + msgpack.packb(sid, use_bin_type=True)
-        self.caller = ctx.caller
+        self.owner = owner  # what the subscription belongs to (its connection)
+        self.caller = caller
         self.filter = event_filter
-        self.replay = replay  # retained events owed from ``since``, sent before ``queue``
-        self.queue: deque[StoredEvent] = deque()  # live events not yet written
+        self.replay: deque[StoredEvent] = deque()  # retained events owed from ``since``
+        self.queue: deque[StoredEvent] = deque()  # live events not yet handed to the sender
         self.sent = 0
-        self.blocked = False  # waiting for the client to read what was written
-        self._must_drain = False  # written to directly; the task must wait for the client
-        self._waiter: asyncio.Future[None] | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.sender: Sender | None = None
 
     def wants(self, event: StoredEvent) -> bool:
         return visible(self.caller, event.owner_uid) and self.filter.matches(event)
 
     @property
     def next_seq(self) -> int | None:
-        """The first seq this subscriber has not been sent, if one is owed."""
+        """The first seq this subscriber has not been handed, if one is owed."""
         if self.replay:
             return self.replay[0].seq
         if self.queue:
             return self.queue[0].seq
         return None
 
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    @property
+    def owed(self) -> bool:
+        return bool(self.replay or self.queue)
 
-    def deliver(self) -> None:
-        """Owed events became durable: write them now if that cannot wait, else wake the task."""
-        sink = self.sink
-        waiter = self._waiter
-        if sink is None or waiter is None or waiter.done() or not sink.writable:
-            self.wake()
-            return
-        # The task is parked and the client keeps up: no reason to switch to it.
+    def take(self) -> list[StoredEvent]:
+        """The next batch of owed events that are durable, in order (may be empty).
+
+        When events are owed but not durable yet, the bus wakes the sender again
+        once they are.
+        """
         durable = self.bus.durable_seq
-        while True:
-            batch = self._take(durable)
-            if batch:
-                self._send(batch)
-                if not sink.writable:
-                    self._must_drain = True  # let the task wait for the client
-                    self.wake()
-                    return
-            owed = self.next_seq
-            if owed is None:
-                return
-            if owed > durable:
-                self.bus.mark_ready(self)  # not committed yet
-                return
-
-    def _take(self, durable: int) -> list[StoredEvent]:
         batch: list[StoredEvent] = []
         for source in (self.replay, self.queue):
             while source and len(batch) < SEND_BATCH and source[0].seq <= durable:
                 batch.append(source.popleft())
             if source:
                 break  # never skip ahead of an event still owed
-        return batch
-
-    def _send(self, batch: list[StoredEvent]) -> None:
-        if self.sink is not None:
-            # One write for the batch; each event was encoded once, at publish.
-            prefix = self._prefix
-            self.sink.send_frame(b"".join([prefix + event.packed for event in batch]))
-        else:
-            for event in batch:
-                self.ctx.notify("event", [self.id, event.wire])
         self.sent += len(batch)
-
-    async def _drain(self) -> None:
-        self.blocked = True
-        try:
-            await self.ctx.drain()
-        finally:
-            self.blocked = False
-
-    async def run(self) -> None:
-        """Write owed events as they become durable; wait for the client to read them."""
-        loop = asyncio.get_running_loop()
-        ctx = self.ctx
-        try:
-            while not ctx.closed:
-                if self._must_drain:
-                    self._must_drain = False
-                    await self._drain()
-                batch = self._take(self.bus.durable_seq)
-                if batch:
-                    self._send(batch)
-                    await self._drain()
-                    continue
-                if self.replay or self.queue:
-                    self.bus.mark_ready(self)  # owed events wait for their commit
-                self._waiter = loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("event_sender_failed", subscription=self.id)
-            self.bus.drop(self)
+        if not batch and self.owed:
+            self.bus.mark_ready(self)
+        return batch
 
 
 class EventBus:
@@ -305,13 +239,11 @@ class EventBus:
         self._log_closed = False
         self._checkpointing = False
         self._subs: dict[str, Subscription] = {}
-        self._by_ctx: dict[CallContext, dict[str, Subscription]] = {}
+        self._by_owner: dict[object, dict[str, Subscription]] = {}
         self._ready: dict[Subscription, None] = {}  # owed events not yet durable when checked
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._state = "new"  # new -> open -> closed
-        self._ids = itertools.count(1)
-        self._id_salt = secrets.token_hex(3)
 
     # -- life --------------------------------------------------------------
 
@@ -343,7 +275,8 @@ class EventBus:
         self._flush()
         for _ in range(max(1, int(within / 0.005))):  # senders have no "caught up" signal
             if not any(
-                (sub.queue or sub.replay) and not sub.ctx.closed for sub in self._subs.values()
+                sub.owed and sub.sender is not None and not sub.sender.closed
+                for sub in self._subs.values()
             ):
                 return
             await asyncio.sleep(0.005)
@@ -355,11 +288,8 @@ class EventBus:
             return
         self._flush()
         self._state = "closed"
-        tasks = [sub.task for sub in self._subs.values() if sub.task is not None]
         for sub in list(self._subs.values()):
             self._remove(sub)
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
         assert self._loop is not None and self._executor is not None
         # The executor runs one thing at a time: this waits for any checkpoint first.
         self._log_closed = True
@@ -426,7 +356,8 @@ class EventBus:
         for sub in list(self._subs.values()):
             if sub.wants(event):
                 backlog = len(sub.queue)
-                if backlog >= queue_size and (sub.blocked or backlog >= hard_cap):
+                blocked = sub.sender is not None and sub.sender.blocked
+                if backlog >= queue_size and (blocked or backlog >= hard_cap):
                     self._lagged(sub)
                 else:
                     sub.queue.append(event)
@@ -463,7 +394,8 @@ class EventBus:
             self._checkpoint()
         ready, self._ready = self._ready, {}
         for sub in ready:
-            sub.deliver()
+            if sub.sender is not None:
+                sub.sender.wake()
 
     def _checkpoint(self) -> None:
         assert self._loop is not None and self._executor is not None
@@ -481,50 +413,60 @@ class EventBus:
 
     def subscribe(
         self,
-        ctx: CallContext,
+        owner: object,
+        caller: Caller,
+        make_sender: Callable[[Subscription], Sender],
         *,
         types: Iterable[str] | None = None,
         sandbox: str | None = None,
         labels: Mapping[str, str] | None = None,
         since: int | None = None,
     ) -> Subscription:
-        """Start delivering to ``ctx``: retained events after ``since`` first, then live ones.
+        """Start delivering to ``owner``: retained events after ``since`` first, then live ones.
 
         Synchronous: the replay snapshot and the registration for live events
         happen with nothing in between, so there is no gap and no duplicate.
+        ``make_sender`` builds what writes the subscription's events.
         """
         if self._state != "open":
             raise ShuttingDown("The daemon is stopping and takes no new subscriptions.")
-        mine = self._by_ctx.get(ctx)
+        mine = self._by_owner.get(owner)
         if mine is not None and len(mine) >= MAX_SUBSCRIPTIONS_PER_CONNECTION:
             raise QuotaExceeded(
                 f"This connection already has {len(mine)} subscriptions, the most allowed; "
                 "unsubscribe some or use one with a wider filter.",
                 {"limit": MAX_SUBSCRIPTIONS_PER_CONNECTION},
             )
-        sid = f"sub-{self._id_salt}-{next(self._ids)}"
-        sub = Subscription(self, sid, ctx, EventFilter.build(types, sandbox, labels), deque())
+        sid = f"sub-{secrets.token_hex(8)}"
+        sub = Subscription(self, sid, owner, caller, EventFilter.build(types, sandbox, labels))
         if since is not None and since < self._last_seq and self._retained:
             skip = max(0, since + 1 - self._retained[0].seq)
             sub.replay.extend(
                 e for e in itertools.islice(self._retained, skip, None) if sub.wants(e)
             )
-        if ctx.closed:
-            return sub  # the connection is already gone: nothing to deliver, nothing to keep
-        if mine is None:
-            mine = self._by_ctx[ctx] = {}
-            ctx.on_close.append(functools.partial(self._connection_closed, ctx))
-        mine[sid] = sub
+        sub.sender = make_sender(sub)
+        if sub.sender.closed:
+            return sub  # the client is already gone: nothing to deliver, nothing to keep
+        self._by_owner.setdefault(owner, {})[sid] = sub
         self._subs[sid] = sub
-        assert self._loop is not None
-        sub.task = self._loop.create_task(sub.run(), name=f"events-{sid}")
         if sub.replay:
             self._ready[sub] = None
         return sub
 
-    def unsubscribe(self, ctx: CallContext, subscription: str) -> None:
-        """End a subscription of this connection; ``NotFound`` for any other."""
-        sub = self._by_ctx.get(ctx, {}).get(subscription)
+    def knows_owner(self, owner: object) -> bool:
+        """True once ``owner`` subscribed, until ``end_owner``."""
+        return owner in self._by_owner
+
+    def last_seq_for(self, caller: Caller) -> int:
+        """The seq of the newest event ``caller`` may see (0 when none is retained)."""
+        for event in reversed(self._retained):
+            if visible(caller, event.owner_uid):
+                return event.seq
+        return 0
+
+    def unsubscribe(self, owner: object, subscription: str) -> None:
+        """End a subscription of ``owner``; ``NotFound`` for any other."""
+        sub = self._by_owner.get(owner, {}).get(subscription)
         if sub is None:
             raise NotFound(
                 f"No subscription {subscription!r} on this connection.",
@@ -532,9 +474,19 @@ class EventBus:
             )
         self._remove(sub)
 
-    def drop(self, sub: Subscription) -> None:
-        """Forget a subscription whose sender failed."""
-        self._remove(sub, cancel=False)
+    def end_owner(self, owner: object) -> None:
+        """``owner`` is gone (its connection closed): end all its subscriptions."""
+        for sub in list(self._by_owner.get(owner, {}).values()):
+            self._remove(sub)
+        self._by_owner.pop(owner, None)
+
+    def fail(self, sub: Subscription, reason: str) -> None:
+        """The subscription's sender failed: end it and tell the client where to resume."""
+        if sub.id not in self._subs:
+            return
+        next_seq = sub.next_seq or self._last_seq + 1
+        log.error("event_sender_failed", subscription=sub.id, next_seq=next_seq, error=reason)
+        self._end(sub, next_seq, reason)
 
     def mark_ready(self, sub: Subscription) -> None:
         if sub.id in self._subs:
@@ -543,22 +495,22 @@ class EventBus:
     def _lagged(self, sub: Subscription) -> None:
         next_seq = sub.next_seq
         assert next_seq is not None  # the queue is full
-        sub.ctx.log.warning("events_lagged", subscription=sub.id, next_seq=next_seq, sent=sub.sent)
+        log.warning("events_lagged", subscription=sub.id, next_seq=next_seq, sent=sub.sent)
+        self._end(sub, next_seq, None)
+
+    def _end(self, sub: Subscription, next_seq: int, reason: str | None) -> None:
+        sender = sub.sender
         self._remove(sub)
-        sub.ctx.notify("events.lagged", [sub.id, {"next_seq": next_seq}])
+        if sender is not None:
+            sender.cut_off(next_seq, reason)
 
-    def _connection_closed(self, ctx: CallContext) -> None:
-        for sub in list(self._by_ctx.get(ctx, {}).values()):
-            self._remove(sub)
-        self._by_ctx.pop(ctx, None)
-
-    def _remove(self, sub: Subscription, cancel: bool = True) -> None:
+    def _remove(self, sub: Subscription) -> None:
         self._subs.pop(sub.id, None)
         self._ready.pop(sub, None)
-        mine = self._by_ctx.get(sub.ctx)
+        mine = self._by_owner.get(sub.owner)
         if mine is not None:
             mine.pop(sub.id, None)
         sub.replay.clear()
         sub.queue.clear()
-        if cancel and sub.task is not None and not sub.task.done():
-            sub.task.cancel()
+        if sub.sender is not None:
+            sub.sender.stop()

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .config import Config
-from .errors import InvalidParams, PermissionDenied, TooLarge
+from sandboxd.core.settings import Defaults, Policy
+from sandboxd.wire.errors import InvalidParams, PermissionDenied, TooLarge
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 ID_RE = re.compile(r"^[0-9a-f]{12}$")
@@ -83,8 +83,7 @@ def _deny(reason: str, what: str) -> PermissionDenied:
     return PermissionDenied(reason, {"policy": what})
 
 
-def resolve_create(args: dict[str, Any], config: Config) -> CreateSpec:
-    d, p = config.defaults, config.policy
+def resolve_create(args: dict[str, Any], d: Defaults, p: Policy) -> CreateSpec:
     # Things a client never gets, asked for explicitly.
     if args.get("privileged"):
         raise _deny("Privileged sandboxes are not allowed.", "privileged")

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from .tasks import cancel_and_wait
+from sandboxd.services.tasks import cancel_and_wait
 
 log = structlog.get_logger("sandboxd.scheduler")
 

@@ -17,16 +17,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import InternalError, MethodNotFound, SandboxdError, ShuttingDown
-from .models import Caller
-from .params import Field, validate
-from .protocol import Request, encode_response
+from sandboxd.core.records import Caller
+from sandboxd.rpc.params import Field, validate
+from sandboxd.wire.codec import Request, encode_response
+from sandboxd.wire.errors import InternalError, MethodNotFound, SandboxdError, ShuttingDown
 
 
 class BoundLog(Protocol):
     def info(self, event: str, **kw: Any) -> Any: ...
     def warning(self, event: str, **kw: Any) -> Any: ...
     def error(self, event: str, **kw: Any) -> Any: ...
+    def exception(self, event: str, **kw: Any) -> Any: ...
 
 
 class CallContext(Protocol):

@@ -1,8 +1,9 @@
 """The msgpack-RPC codec: bytes in, messages out, and messages to bytes.
 
-This module owns the wire format of SPEC §2: incremental decoding of a stream
-of concatenated msgpack objects split anywhere across reads, the frame size
-limit, the three message shapes, and their encoding. It performs no I/O and
+This module owns the wire format of SPEC §2: pull-style incremental decoding
+of a stream of concatenated msgpack objects split anywhere across reads (one
+message at a time, so a reader can stop in the middle of what it received),
+the frame size limit, the three message shapes, and their encoding. It performs no I/O and
 knows nothing of asyncio, sockets, sandboxes or Docker: the daemon's server
 and the client both sit on it, and it is tested with bytes alone.
 """
@@ -10,12 +11,14 @@ and the client both sit on it, and it is tested with bytes alone.
 from __future__ import annotations
 
 import threading
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from .errors import InvalidRequest, SandboxdError, TooLarge
+from sandboxd.wire.errors import InvalidRequest, SandboxdError, TooLarge
 
 REQUEST = 0
 RESPONSE = 1
@@ -167,11 +170,15 @@ def _peek_msgid(prefix: bytes) -> int | None:
 
 
 class Decoder:
-    """Incremental decoder: ``feed(bytes)`` returns the complete messages so far.
+    """Pull-style incremental decoder: ``feed(bytes)``, then ``next()`` one message at a time.
 
-    A frame (one top-level msgpack object) larger than ``max_frame`` bytes is
-    reported as ``too_large`` without buffering more than ``max_frame`` bytes.
-    After a fatal ``BadMessage`` the decoder returns nothing more.
+    ``next()`` returns the next complete message, or None when more bytes are
+    needed. A caller may stop pulling at any moment (for example when it has
+    too much work in flight) and resume later: bytes not yet decoded stay
+    here, never turned into messages behind its back. A frame (one top-level
+    msgpack object) larger than ``max_frame`` bytes is reported as
+    ``too_large`` without buffering more than ``max_frame`` bytes of it. After
+    a fatal ``BadMessage`` the decoder returns nothing more.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -185,61 +192,84 @@ class Decoder:
             strict_map_key=False,
             unicode_errors="surrogateescape",
         )
-        self._fed = 0  # bytes fed into the unpacker so far
-        self._done = 0  # stream offset where the last complete frame ended
+        self._backlog: deque[memoryview] = deque()  # received, not yet given to the unpacker
+        self._backlog_size = 0
+        self._fed = 0  # bytes given to the unpacker so far
+        self._done = 0  # stream offset where the last decoded frame ended
         self._head = b""  # first bytes of the incomplete frame, to read a msgid on overflow
         self._head_at = -1  # stream offset where that frame starts
+        self._last: memoryview = memoryview(b"")  # the chunk fed last, and where it starts
+        self._last_at = 0
         self.broken = False
 
     @property
     def buffered(self) -> int:
-        """Bytes of an incomplete frame held so far."""
-        return self._fed - self._done
+        """Bytes received and not yet decoded into messages."""
+        return self._fed - self._done + self._backlog_size
 
-    def feed(self, data: bytes) -> list[Event]:
-        out: list[Event] = []
+    def feed(self, data: bytes) -> None:
+        """Add received bytes (nothing is decoded until ``next()``)."""
+        if data and not self.broken:
+            self._backlog.append(memoryview(data))
+            self._backlog_size += len(data)
+
+    def next(self) -> Event | None:
+        """The next message, a ``BadMessage``, or None when more bytes are needed."""
         if self.broken:
-            return out
-        view = memoryview(data)
-        while view:
-            room = self.max_frame - self.buffered
-            if room <= 0:
-                out.append(self._overflow())
-                return out
-            chunk = view[:room]
-            view = view[room:]
-            chunk_at = self._fed
-            self._unpacker.feed(chunk)
-            self._fed += len(chunk)
-            if not self._drain(out):
-                return out
-            if self.buffered:
-                self._remember_head(chunk, chunk_at)
-        return out
+            return None
+        unpacker = self._unpacker
+        while True:
+            try:
+                obj = unpacker.unpack()
+            except msgpack.OutOfData:
+                self._note_head()
+                if not self._backlog:
+                    return None
+                overflow = self._feed_more()
+                if overflow is not None:
+                    return overflow
+                continue
+            except Exception as exc:  # FormatError, StackError, bad UTF-8, bad map key ...
+                self.broken = True
+                return self._undecodable(exc)
+            self._done = unpacker.tell()
+            msg = parse_message(obj)
+            if type(msg) is BadMessage and msg.fatal:
+                self.broken = True
+            return msg
 
-    def _remember_head(self, chunk: memoryview, chunk_at: int) -> None:
+    def __iter__(self) -> Iterator[Event]:
+        """Every message decodable from what was fed so far."""
+        while (msg := self.next()) is not None:
+            yield msg
+
+    def _feed_more(self) -> BadMessage | None:
+        """Move backlog into the unpacker, up to what one frame may hold."""
+        room = self.max_frame - (self._fed - self._done)
+        if room <= 0:
+            return self._overflow()
+        chunk = self._backlog.popleft()
+        if len(chunk) > room:
+            self._backlog.appendleft(chunk[room:])
+            chunk = chunk[:room]
+        self._backlog_size -= len(chunk)
+        chunk_at = self._fed
+        self._unpacker.feed(chunk)
+        self._fed += len(chunk)
+        self._remember_head(chunk, chunk_at)
+        return None
+
+    def _note_head(self) -> None:
+        """The frame at ``_done`` is incomplete: keep its first bytes (for its msgid)."""
         start = self._done
         if start != self._head_at:
             self._head_at = start
-            self._head = bytes(chunk[start - chunk_at :][:32])
-        elif len(self._head) < 32:
-            self._head += bytes(chunk[: 32 - len(self._head)])
+            self._head = bytes(self._last[max(0, start - self._last_at) :][:32])
 
-    def _drain(self, out: list[Event]) -> bool:
-        unpacker = self._unpacker
-        try:
-            for obj in unpacker:
-                self._done = unpacker.tell()
-                msg = parse_message(obj)
-                out.append(msg)
-                if type(msg) is BadMessage and msg.fatal:
-                    self.broken = True
-                    return False
-        except Exception as exc:  # FormatError, StackError, bad UTF-8, bad map key ...
-            self.broken = True
-            out.append(self._undecodable(exc))
-            return False
-        return True
+    def _remember_head(self, chunk: memoryview, chunk_at: int) -> None:
+        self._last, self._last_at = chunk, chunk_at
+        if len(self._head) < 32 and self._head_at == self._done:
+            self._head += bytes(chunk[: 32 - len(self._head)])
 
     def _undecodable(self, exc: Exception) -> BadMessage:
         if isinstance(exc, ValueError) and "exceeds max_" in str(exc):
@@ -254,6 +284,8 @@ class Decoder:
 
     def _overflow(self) -> BadMessage:
         self.broken = True
+        self._backlog.clear()
+        self._backlog_size = 0
         return BadMessage(
             TooLarge(
                 f"A message is larger than the limit of {self.max_frame} bytes; "

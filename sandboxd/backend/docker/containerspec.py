@@ -1,24 +1,24 @@
-"""The Docker container configuration of a sandbox: every hardened default in one place.
+"""The Docker create body of a sandbox container: every hardened default in one place.
 
-Owns the create body sent to the engine (SPEC §4 hardened defaults, §5
-labels). Pure: it builds a dict and must not call the engine or decide policy.
+Owns the translation of a backend-neutral ``ContainerSpec`` into the body of
+``POST /containers/create`` with the SPEC §4 hardened defaults (no network
+unless allowed, every capability dropped, no-new-privileges, limits, an
+init, no restart, a log driver that cannot fill the disk). Pure: it builds a
+dict and must not call the engine or decide policy.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import Config
-from .models import SandboxRecord
-from .policy import CreateSpec
+from sandboxd.backend.base import ContainerSpec
 
 
-def container_config(record: SandboxRecord, spec: CreateSpec, config: Config) -> dict[str, Any]:
-    nofile = config.defaults.nofile
+def container_config(spec: ContainerSpec, *, command: list[str], nofile: int) -> dict[str, Any]:
     host: dict[str, Any] = {
         "NetworkMode": spec.network,
         "CapDrop": ["ALL"],
-        "CapAdd": spec.cap_add or None,
+        "CapAdd": list(spec.cap_add) or None,
         "SecurityOpt": ["no-new-privileges"],
         "Privileged": False,
         "PidsLimit": spec.pids,
@@ -46,12 +46,12 @@ def container_config(record: SandboxRecord, spec: CreateSpec, config: Config) ->
         }
     body: dict[str, Any] = {
         "Image": spec.image,
-        "Entrypoint": list(config.defaults.command),
+        "Entrypoint": list(command),
         "Cmd": None,
         "Env": [f"{k}={v}" for k, v in spec.env.items()],
         "WorkingDir": spec.workdir,
-        "Labels": record.container_labels(config.instance),
-        "Hostname": f"sandbox-{record.id[:8]}",
+        "Labels": dict(spec.labels),
+        "Hostname": spec.hostname,
         "AttachStdin": False,
         "AttachStdout": False,
         "AttachStderr": False,

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidParams, TooLarge
-from .units import parse_size
+from sandboxd.wire.errors import InvalidParams, TooLarge
+from sandboxd.wire.units import parse_size
 
 Check = Callable[[str, Any], Any]
 

@@ -1,15 +1,18 @@
-"""The daemon's record of one sandbox and its wire form (SPEC §3 Sandbox).
+"""The daemon's record of one sandbox, its labels and its wire form (SPEC §3 Sandbox, §5).
 
-Owns the fields the daemon keeps per sandbox, the container labels that
-carry them (SPEC §5) and ``to_wire``. Pure data: no engine calls, no policy.
+Owns the fields the daemon keeps per sandbox, the caller identity and its one
+ownership rule, the container labels that carry a record (SPEC §5) in both
+directions (``container_labels`` and ``record_from_labels``), and
+``to_wire``. Pure data: no engine calls, no policy, no I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .units import format_time
+from sandboxd.wire.units import format_time, parse_time
 
 LABEL_ID = "io.sandboxd.id"
 LABEL_NAME = "io.sandboxd.name"
@@ -98,3 +101,55 @@ class SandboxRecord:
             "workdir": self.workdir,
             "container_id": self.container_id,
         }
+
+
+def record_from_labels(
+    labels: Mapping[str, str],
+    *,
+    container_id: str,
+    image: str,
+    status: str,
+    memory: int,
+    cpus: float,
+    pids: int,
+    network: str,
+    workdir: str,
+    now: float,
+) -> SandboxRecord | None:
+    """Rebuild a record from a container's labels (when no state row survived).
+
+    None when the labels do not name a sandbox or cannot be read.
+    """
+    sid = labels.get(LABEL_ID)
+    if not sid:
+        return None
+    try:
+        uid, gid = (int(x) for x in labels.get(LABEL_OWNER, "0:0").split(":", 1))
+        created = parse_time(labels[LABEL_CREATED_AT]) if LABEL_CREATED_AT in labels else now
+        expires = parse_time(labels[LABEL_EXPIRES_AT]) if LABEL_EXPIRES_AT in labels else None
+        idle = float(labels[LABEL_IDLE_TIMEOUT]) if LABEL_IDLE_TIMEOUT in labels else None
+    except ValueError:
+        return None
+    return SandboxRecord(
+        id=sid,
+        name=labels.get(LABEL_NAME) or f"sb-{sid}",
+        image=image,
+        owner_uid=uid,
+        owner_gid=gid,
+        created_at=created,
+        memory=memory,
+        cpus=cpus,
+        pids=pids,
+        network=network,
+        workdir=workdir,
+        labels={
+            k[len(LABEL_USER_PREFIX) :]: v
+            for k, v in labels.items()
+            if k.startswith(LABEL_USER_PREFIX)
+        },
+        status=status,
+        expires_at=expires,
+        idle_timeout=idle,
+        last_activity_at=now,
+        container_id=container_id,
+    )

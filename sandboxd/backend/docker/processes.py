@@ -1,0 +1,122 @@
+"""A process started with the engine's exec: its streams, exit code and tree kill.
+
+Owns one Docker exec: creating it with a marker in its environment, its raw
+stream demultiplexed into ``(STDOUT|STDERR, bytes)``, reading the process's own
+exit code (polling past the engine's brief "still running" after the output
+ends), and killing the process with everything it started from the host's
+/proc (the engine cannot kill an exec). It must not decide timeouts, capture
+output or know about sandboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import structlog
+
+from sandboxd.backend.base import STDERR, STDOUT, Process, ProcessSpec, ProcessStream
+from sandboxd.backend.docker.demux import STDERR as DEMUX_STDERR
+from sandboxd.backend.docker.demux import Demuxer
+from sandboxd.backend.docker.engine import Engine, RawStream
+from sandboxd.backend.docker.proctree import MARKER_VAR, kill_exec_tree
+from sandboxd.wire.errors import DeadlineExceeded
+
+log = structlog.get_logger("sandboxd.backend.docker")
+
+# The engine usually reports the exit a few ms after the output ends: poll finely at first.
+EXIT_POLL_DELAYS = (0.0,) + (0.001,) * 10 + (0.002,) * 5 + (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+EXIT_WAIT_LIMIT = 5.0
+
+
+class DemuxedStream(ProcessStream):
+    """An exec's raw stream, split into its stdout and stderr pieces."""
+
+    def __init__(self, raw: RawStream) -> None:
+        self._raw = raw
+        self._demux = Demuxer()
+        self._ready: list[tuple[int, bytes]] = []
+
+    async def read(self) -> tuple[int, bytes] | None:
+        while not self._ready:
+            chunk = await self._raw.read()
+            if chunk is None:
+                return None
+            self._ready = [
+                (STDERR if which == DEMUX_STDERR else STDOUT, data)
+                for which, data in self._demux.feed(chunk)
+            ]
+            self._ready.reverse()
+        return self._ready.pop()
+
+    async def write(self, data: bytes) -> None:
+        await self._raw.write(data)
+
+    def close_stdin(self) -> None:
+        self._raw.close_stdin()
+
+    async def close(self) -> None:
+        await self._raw.close()
+
+
+class DockerProcess(Process):
+    """One exec, started; see the module docstring."""
+
+    def __init__(self, engine: Engine, container_id: str, exec_id: str, marker: str,
+                 stream: ProcessStream) -> None:
+        self._engine = engine
+        self._container_id = container_id
+        self._exec_id = exec_id
+        self._marker = marker
+        self.stream = stream
+
+    @classmethod
+    async def start(cls, engine: Engine, container_id: str, spec: ProcessSpec) -> DockerProcess:
+        marker = secrets.token_hex(8)
+        env = [f"{k}={v}" for k, v in spec.env.items()] + [f"{MARKER_VAR}={marker}"]
+        exec_id = await engine.exec_create(
+            container_id,
+            spec.cmd,
+            env=env,
+            workdir=spec.workdir,
+            user=spec.user,
+            stdin=spec.stdin,
+            tty=spec.tty,
+        )
+        raw = await engine.exec_start(exec_id)
+        return cls(engine, container_id, exec_id, marker, DemuxedStream(raw))
+
+    async def exit_code(self) -> int | None:
+        info = await self._engine.exec_inspect(self._exec_id)
+        code = info.get("ExitCode")
+        if info.get("Running") or code is None:
+            return None
+        return int(code)
+
+    async def wait_exit_code(self) -> int:
+        deadline = time.monotonic() + EXIT_WAIT_LIMIT
+        attempt = 0
+        while True:
+            code = await self.exit_code()
+            if code is not None:
+                return code
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    "The command's output ended but the Docker Engine reported no exit code "
+                    f"within {EXIT_WAIT_LIMIT:g} s.",
+                    {"exec_id": self._exec_id},
+                )
+            await asyncio.sleep(EXIT_POLL_DELAYS[min(attempt, len(EXIT_POLL_DELAYS) - 1)])
+            attempt += 1
+
+    async def kill_tree(self) -> int:
+        exec_info = await self._engine.exec_inspect(self._exec_id)
+        container = await self._engine.inspect(self._container_id)
+        container_pid = int((container.get("State") or {}).get("Pid") or 0)
+        exec_pid = int(exec_info.get("Pid") or 0)
+        if container_pid <= 0:
+            return 0  # the container is gone: so is everything in it
+        killed = await asyncio.to_thread(kill_exec_tree, exec_pid, container_pid, self._marker)
+        log.info("exec_killed", exec_id=self._exec_id, processes=killed)
+        return killed

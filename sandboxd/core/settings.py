@@ -1,0 +1,54 @@
+"""The sandbox settings a policy decision needs: defaults, policy limits and quotas.
+
+Owns the ``[defaults]``, ``[policy]`` and ``[quota]`` sections of the
+configuration as plain dataclasses with their built-in values (SPEC §3, §4,
+§6). Loading them from TOML, the environment and flags is ``sandboxd.config``'s
+job. Pure data: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Defaults:
+    image: str = "sandboxd/base"
+    memory: int = 512 * MIB
+    cpus: float = 1.0
+    pids: int = 256
+    ttl: float = 300.0
+    idle_timeout: float | None = None
+    workdir: str = "/workspace"
+    network: str = "none"
+    max_output: int = 1 * MIB
+    exec_timeout: float | None = None
+    # The sandbox's idle main process, run under Docker's init.
+    command: list[str] = field(default_factory=lambda: ["sleep", "infinity"])
+    nofile: int = 1024
+
+
+@dataclass
+class Policy:
+    images: list[str] | None = None  # fnmatch patterns; None allows any
+    max_memory: int | None = None
+    max_cpus: float | None = None
+    max_pids: int | None = None
+    max_ttl: float | None = None  # None: ttl 0 (no expiry) is allowed
+    max_output: int = 16 * MIB
+    networks: list[str] = field(default_factory=lambda: ["none"])
+    cap_add: list[str] = field(default_factory=list)
+    user: str | None = None  # when set, every sandbox runs as this user
+    readonly_rootfs: bool = False  # when true, every sandbox's rootfs is read-only
+    max_env: int = 256
+    max_labels: int = 64
+    max_label_bytes: int = 8192  # keys and values of one sandbox's labels, together
+
+
+@dataclass
+class Quota:
+    max_sandboxes: int | None = None
+    max_memory: int | None = None
+    max_execs: int = 64  # commands running at once, per uid

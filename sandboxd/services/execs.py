@@ -1,0 +1,249 @@
+"""Running commands in sandboxes: the buffered exec of SPEC §3 and its accounting.
+
+Owns ``ExecService`` (the checks before a command runs: the sandbox's state,
+the policy's user, the per-uid running-command quota; the activity it counts
+for; its events; ending every command of a sandbox that is removed) and
+``BufferedExec``, one run from start to exit code: output into bounded
+captures, stdin fed, the timeout kept by killing the process tree, the exit
+code read. It must not parse wire messages or import a concrete backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sandboxd.backend.base import STDERR, Backend, Process, ProcessSpec
+from sandboxd.core import quotas, status
+from sandboxd.core.output import OutputCapture
+from sandboxd.core.policy import check_env
+from sandboxd.core.records import Caller, SandboxRecord
+from sandboxd.core.settings import Defaults, Policy, Quota
+from sandboxd.services.deadlines import Deadlines
+from sandboxd.services.registry import Registry
+from sandboxd.services.sandboxes import Publisher
+from sandboxd.wire.errors import Conflict, InternalError, PermissionDenied, SandboxdError
+
+DRAIN_AFTER_KILL = 5.0
+OUTPUT_AFTER_EXIT = 0.5  # once the process is gone, how long its last output may take
+EVENT_CMD_BYTES = 512  # an event carries at most this much of a command line
+
+
+def _summary(cmd: list[str]) -> list[str]:
+    """The start of an argv, bounded, for an event (events are kept and sent to many)."""
+    out: list[str] = []
+    room = EVENT_CMD_BYTES
+    for arg in cmd:
+        if room <= 0:
+            out.append("...")
+            break
+        out.append(arg[:room])
+        room -= len(arg) + 1
+    return out
+
+
+@dataclass
+class ExecRequest:
+    cmd: list[str]
+    env: dict[str, str]
+    workdir: str | None
+    user: str | None
+    stdin: bytes | None
+    timeout: float | None
+    max_output: int
+
+
+class BufferedExec:
+    """One run of ``sandbox.exec``: start to exit code, output captured."""
+
+    def __init__(self, backend: Backend, container_id: str, request: ExecRequest) -> None:
+        self.backend = backend
+        self.container_id = container_id
+        self.request = request
+        self.stdout = OutputCapture(request.max_output)
+        self.stderr = OutputCapture(request.max_output)
+        self.aborted: str | None = None
+        self._aborted = asyncio.Event()
+        self._exited = asyncio.Event()
+
+    def abort(self, reason: str) -> None:
+        """End the run now (its sandbox is being removed); ``run`` raises ``Conflict``."""
+        self.aborted = reason
+        self._aborted.set()
+
+    async def _until(self, pump: asyncio.Task[None], limit: float | None) -> str:
+        """Wait for the output to end: ``"done"``, ``"timeout"`` or ``"aborted"``."""
+        aborted = asyncio.create_task(self._aborted.wait())
+        exited = asyncio.create_task(self._exited.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {pump, aborted, exited}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            aborted.cancel()
+            exited.cancel()
+        if pump in done:
+            pump.result()  # re-raise a failure to read the output
+            return "done"
+        if self.aborted:
+            return "aborted"
+        return "done" if exited in done else "timeout"
+
+    async def _watch_exit(self, process: Process, pump: asyncio.Task[None]) -> None:
+        """Set ``_exited`` once the process is gone and its output had time to arrive."""
+        delay = 0.05
+        while not pump.done():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            try:
+                code = await process.exit_code()
+            except SandboxdError:
+                return  # the engine or the container went away: the pump will see it too
+            if code is not None:
+                await asyncio.wait({pump}, timeout=OUTPUT_AFTER_EXIT)
+                self._exited.set()
+                return
+
+    async def _pump(self, process: Process) -> None:
+        out, err, stream = self.stdout, self.stderr, process.stream
+        while (piece := await stream.read()) is not None:
+            (err if piece[0] == STDERR else out).append(piece[1])
+
+    async def _feed_stdin(self, process: Process, data: bytes) -> None:
+        try:
+            if data:
+                await process.stream.write(data)
+            process.stream.close_stdin()
+        except Exception:
+            pass  # the process exited or closed its stdin: the rest of the input is moot
+
+    async def run(self) -> dict[str, Any]:
+        try:
+            return await self._run()
+        except SandboxdError:
+            if self.aborted:
+                raise Conflict(self.aborted, {"status": "removed"}) from None
+            raise
+
+    async def _run(self) -> dict[str, Any]:
+        req = self.request
+        started = time.monotonic()
+        process = await self.backend.exec(
+            self.container_id,
+            ProcessSpec(
+                cmd=req.cmd, env=req.env, workdir=req.workdir, user=req.user,
+                stdin=req.stdin is not None,
+            ),
+        )
+        timed_out = False
+        feeder: asyncio.Task[None] | None = None
+        pump = asyncio.create_task(self._pump(process))
+        watcher: asyncio.Task[None] | None = None
+        try:
+            if req.stdin is not None:
+                feeder = asyncio.create_task(self._feed_stdin(process, req.stdin))
+                # The engine keeps the stream open until it has all of stdin, even after
+                # the process is gone: notice the exit ourselves so nobody waits on it.
+                watcher = asyncio.create_task(self._watch_exit(process, pump))
+            outcome = await self._until(pump, req.timeout)
+            if outcome == "timeout":
+                timed_out = True
+                await process.kill_tree()
+                outcome = await self._until(pump, DRAIN_AFTER_KILL)
+        except asyncio.CancelledError:
+            # The caller went away or the daemon is stopping: leave nothing running.
+            await asyncio.shield(process.kill_tree())
+            raise
+        finally:
+            for task in (pump, feeder, watcher):
+                if task is not None and not task.done():
+                    task.cancel()
+            await process.stream.close()
+        if self.aborted:
+            raise Conflict(self.aborted, {"status": "removed"})
+        exit_code = await process.wait_exit_code()
+        return {
+            "exit_code": exit_code,
+            "stdout": self.stdout.result(),
+            "stderr": self.stderr.result(),
+            "timed_out": timed_out,
+            "truncated": self.stdout.truncated or self.stderr.truncated,
+            "duration": round(time.monotonic() - started, 6),
+        }
+
+
+class ExecService:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        deadlines: Deadlines,
+        *,
+        defaults: Defaults,
+        policy: Policy,
+        quota: Quota,
+        publish: Publisher,
+    ) -> None:
+        self.backend = backend
+        self.registry = registry
+        self.deadlines = deadlines
+        self.defaults = defaults
+        self.policy = policy
+        self.quota = quota
+        self.publish = publish
+        self._running: dict[str, set[BufferedExec]] = {}  # sandbox id -> its running execs
+        self._by_uid: dict[int, int] = {}
+        registry.on_forget.append(self._sandbox_gone)
+
+    def _sandbox_gone(self, record: SandboxRecord) -> None:
+        for runner in self._running.pop(record.id, ()):
+            runner.abort(f"Sandbox '{record.name}' was removed while the command was running.")
+
+    def _request(self, args: dict[str, Any]) -> ExecRequest:
+        forced_user = self.policy.user
+        if forced_user is not None and args.get("user", forced_user) != forced_user:
+            raise PermissionDenied(
+                f"Commands run as user {forced_user!r} by policy.", {"policy": "user"}
+            )
+        return ExecRequest(
+            cmd=args["cmd"],
+            env=check_env(args.get("env", {})),
+            workdir=args.get("workdir"),
+            user=args.get("user"),
+            stdin=args.get("stdin"),
+            timeout=args.get("timeout", self.defaults.exec_timeout),
+            max_output=min(args.get("max_output", self.defaults.max_output),
+                           self.policy.max_output),
+        )
+
+    async def exec(self, caller: Caller, ref: str, args: dict[str, Any]) -> dict[str, Any]:
+        record = self.registry.lookup(caller, ref)
+        status.check("exec", record.status, record.name)
+        request = self._request(args)
+        running_mine = self._by_uid.get(caller.uid, 0)
+        quotas.check_execs(self.quota, running_mine)
+        if record.container_id is None:
+            raise InternalError("sandbox has no container id")
+        runner = BufferedExec(self.backend, record.container_id, request)
+        self._by_uid[caller.uid] = running_mine + 1
+        running = self._running.setdefault(record.id, set())
+        running.add(runner)
+        self.registry.hold(record.id)
+        self.deadlines.touch(record)
+        self.publish("exec.started", record, {"cmd": _summary(request.cmd)})
+        try:
+            result = await runner.run()
+        finally:
+            self._by_uid[caller.uid] -= 1
+            running.discard(runner)
+            if self.registry.holds(record):
+                self.registry.release(record.id)
+                self.deadlines.touch(record)
+        self.publish(
+            "exec.exited",
+            record,
+            {"exit_code": result["exit_code"], "timed_out": result["timed_out"]},
+        )
+        return result
