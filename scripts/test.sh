@@ -24,6 +24,7 @@ step() {
 }
 
 step pytest .venv/bin/python -m pytest -q "$@"
+step imports .venv/bin/lint-imports
 step ruff .venv/bin/ruff check sandboxd client tests benchmarks
 step mypy .venv/bin/mypy --strict sandboxd client
 

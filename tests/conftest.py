@@ -89,12 +89,6 @@ def _ensure_image() -> None:
         subprocess.run(["bash", str(ROOT / "scripts" / "build-base-image.sh")], check=True)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "pure: pure logic, no Docker Engine (no engine start, no leak check)"
-    )
-
-
 @pytest.fixture(scope="session")
 def engine() -> None:
     """A running Docker Engine with the base image, for the whole session."""

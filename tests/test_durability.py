@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import time
@@ -506,4 +507,43 @@ async def test_daemon_starts_without_engine_and_connects_when_it_appears(
             assert list(instance_containers(d.instance, pd.docker)) == [sb.container_id]
     finally:
         await remove_all_through(d)
+        remove_instance_containers(d.instance, pd.docker)
+
+
+async def test_shutdown_is_bounded_by_the_grace_even_when_the_engine_hangs(
+    spawn_daemon: SpawnDaemon, engine_box: PrivateDockerd,
+) -> None:
+    """SIGTERM with a call in flight and the engine frozen: the daemon is gone within its
+    grace (plus start-up of the interpreter's exit), not after the engine's 60 s timeouts."""
+    pd = engine_box
+    pd.start()
+    grace = 2.0
+    d = spawn_daemon(config=f"shutdown_grace = {grace}\n", env={"DOCKER_HOST": pd.host})
+    engine_pid = int(pd.pidfile.read_text())
+    try:
+        async with SandboxClient(d.socket) as c:
+            sb = await c.create(ttl=300, memory="32m")
+        _, writer = await asyncio.open_unix_connection(d.socket)
+        writer.write(msgpack.packb([0, 1, "sandbox.exec", [{"id": sb.id, "cmd": ["sleep", "60"]}]]))
+        await writer.drain()
+
+        async def running() -> bool:
+            return "sleep 60" in pd.docker("top", sb.container_id or "", check=False)
+
+        await eventually(running, 10, "the exec running")
+        os.kill(engine_pid, signal.SIGSTOP)  # the engine hangs: every call to it waits
+        try:
+            assert d.proc is not None
+            started = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(d.proc.wait, 30)
+            took = time.monotonic() - started
+        finally:
+            os.kill(engine_pid, signal.SIGCONT)
+        writer.close()
+        assert took < grace + 3.0, f"the daemon took {took:.1f} s to stop (grace {grace} s)"
+        assert code in (0, 1)
+        stopped = [e for e in d.log_events() if e.get("event") == "daemon_stopped"]
+        assert stopped, "the daemon did not finish its ordered shutdown"
+    finally:
         remove_instance_containers(d.instance, pd.docker)

@@ -758,3 +758,23 @@ def test_client_event_model_and_cli_line() -> None:
                               "data": {}})
     assert event_line(daemon) == "1 t daemon.started -"
     assert daemon.owner_uid is None and daemon.sandbox_id is None
+
+
+async def test_a_failed_sender_ends_the_subscription_with_a_notification(bus: EventBus) -> None:
+    """A sender that fails is not dropped in silence: the client gets events.lagged with
+    where to resume and why, and the bus forgets the subscription."""
+
+    class Failing(FakeCtx):
+        async def drain(self) -> None:
+            raise RuntimeError("the connection broke in an unforeseen way")
+
+    ctx = Failing(ADMIN)
+    sub = deliver_to(bus, ctx)
+    bus.publish("daemon.tick")
+    bus.publish("daemon.tick")
+    await settle(bus)
+    [[sid, info]] = ctx.lagged()
+    assert sid == sub.id and info["next_seq"] >= 1 and "failed" in info["error"]
+    assert ctx.seqs(sub.id) == list(range(1, info["next_seq"]))  # nothing lost before it
+    assert bus.subscription_count == 0
+    assert sender(sub).task is not None and sender(sub).task.done()

@@ -214,6 +214,30 @@ def test_bad_config_is_one_clear_line(tmp_path: Any, config: str, needle: str) -
     assert len(lines) == 1 and needle in lines[0] and str(path) in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("sock", "needle"),
+    [
+        ("/proc/nodir/s.sock", "cannot listen on /proc/nodir/s.sock"),
+        ("/dev/null", "/dev/null exists and is not a socket"),
+    ],
+)
+def test_start_up_failure_is_one_line_and_keeps_the_log(tmp_path: Any, sock: str,
+                                                        needle: str) -> None:
+    """Any start-up failure: one clear line on stderr, a non-zero exit, no traceback,
+    and the log lines written before it are on stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "serve", "--socket", sock, "--log-format", "json"],
+        capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+        env={**os.environ, "SANDBOXD_STATE_DIR": str(tmp_path / "state")},
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    logged = [json.loads(line)["event"] for line in proc.stdout.splitlines()]
+    assert "event_log_opened" in logged  # written before the failure, not lost with it
+
+
 # --- shutdown ----------------------------------------------------------------
 
 
@@ -392,3 +416,29 @@ async def test_admin_group_members_see_everything(spawn_daemon: SpawnDaemon) -> 
     outsider = await asyncio.to_thread(as_user, 65534, 65534, info)
     assert member["admin"] is True and member["uid"] == 65534
     assert outsider["admin"] is False
+
+
+async def test_a_second_sigterm_exits_at_once(spawn_daemon: SpawnDaemon) -> None:
+    """While the daemon waits out its grace for an in-flight call, a second signal ends it."""
+    d = spawn_daemon(config="shutdown_grace = 60\n")
+    async with SandboxClient(d.socket) as c:
+        sb = await c.create(ttl=300)
+    try:
+        conn = await Raw.open(d.socket)
+        await conn.send([0, 1, "sandbox.exec", [{"id": sb.id, "cmd": ["sleep", "60"]}]])
+        await asyncio.sleep(0.3)  # let the exec start before the signal
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not any(e.get("event") == "daemon_stopping" for e in d.log_events()):
+            assert time.monotonic() < deadline, "daemon never logged daemon_stopping"
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(d.proc.wait, 30)
+        assert time.monotonic() - started < 5.0
+        assert code == 128 + signal.SIGTERM
+        assert any(e.get("event") == "second_signal" for e in d.log_events())
+        await conn.close()
+    finally:
+        docker("rm", "-f", sb.container_id or "", check=False)

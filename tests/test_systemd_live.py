@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from conftest import call_on
+from conftest import SESSION, call_on
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0  # the daemon's start-up: imports, state dir, adopting containers
@@ -178,6 +178,17 @@ class NotifyListener:
                 continue
             self.lines.extend(datagram.decode().split("\n"))
 
+    def drain(self) -> None:
+        """Receive every datagram already queued (say, from a daemon that has exited)."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.lines.extend(self.sock.recv(65536).decode().split("\n"))
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+
 
 @pytest.fixture
 def notify_listener(short_dir: Path) -> Iterator[NotifyListener]:
@@ -216,3 +227,42 @@ def test_notify_ready_watchdog_stopping(
     assert daemon.proc.wait(timeout=STOP_TIMEOUT) == 0, daemon.log()
     statuses = [line for line in notify_listener.lines if line.startswith("STATUS=")]
     assert statuses and str(path) in statuses[0]  # READY's status names the socket
+
+
+def test_cleanup_on_exit_asks_systemd_for_more_time(
+    short_dir: Path,
+    spawn: Callable[[list[str], dict[str, str]], Daemon],
+    notify_listener: NotifyListener,
+) -> None:
+    """Removing sandboxes at exit can outlast the stop timeout: EXTEND_TIMEOUT_USEC asks
+    for the time before each removal, and STATUS says how many are left."""
+    path = short_dir / "api.sock"
+    env = _daemon_env(short_dir / "state")
+    env["NOTIFY_SOCKET"] = str(short_dir / "notify")
+    env["SANDBOXD_INSTANCE"] = f"{SESSION}-extend"
+    daemon = spawn([*_daemon_cmd(path), "--cleanup-on-exit"], env)
+    notify_listener.wait_for("READY=1", daemon, START_TIMEOUT)
+    made: list[str] = []
+    try:
+        for _ in range(2):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(str(path))
+                reply = call_on(client, [0, 1, "sandbox.create", [{"ttl": 300}]], 60)
+            assert reply[2] is None, reply
+            made.append(reply[3]["container_id"])
+        before = len(notify_listener.lines)
+        daemon.proc.send_signal(signal.SIGTERM)
+        notify_listener.wait_for("STOPPING=1", daemon, STOP_TIMEOUT, start=before)
+        assert daemon.proc.wait(timeout=STOP_TIMEOUT) == 0, daemon.log()
+        notify_listener.drain()
+        extends = [x for x in notify_listener.lines[before:]
+                   if x.startswith("EXTEND_TIMEOUT_USEC=")]
+        assert len(extends) >= 2 and all(int(x.split("=")[1]) > 0 for x in extends)
+        assert any("sandboxes, 0 left" in x for x in notify_listener.lines[before:])
+        left = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=io.sandboxd.instance={SESSION}-extend"],
+            capture_output=True, text=True, timeout=60).stdout.split()
+        assert left == []
+    finally:
+        if made:
+            subprocess.run(["docker", "rm", "-f", *made], capture_output=True, timeout=60)

@@ -18,8 +18,7 @@ import functools
 from typing import Any, Protocol, runtime_checkable
 
 from sandboxd.rpc.dispatcher import CallContext
-from sandboxd.services.eventbus import EventBus, Subscription
-from sandboxd.store.eventlog import StoredEvent
+from sandboxd.services.eventbus import EventBus, StoredEvent, Subscription
 from sandboxd.wire.codec import encode
 
 # The msgpack of a notification ``[2, "event", [sid, Event]]`` up to ``sid``: fixarray(3),

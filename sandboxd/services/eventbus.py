@@ -45,6 +45,8 @@ from sandboxd.wire.codec import encode
 from sandboxd.wire.errors import NotFound, QuotaExceeded, ShuttingDown
 from sandboxd.wire.units import format_time
 
+__all__ = ["EventBus", "EventFilter", "Sender", "StoredEvent", "Subscription", "visible"]
+
 log = structlog.get_logger("sandboxd.events")
 
 DEFAULT_RETAIN = 10_000

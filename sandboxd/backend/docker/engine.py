@@ -33,11 +33,19 @@ CALL_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 _UNREACHABLE_STATUS = 900  # aiodocker's code for a connection failure
 
 
+def _text(exc: BaseException) -> str:
+    """An exception's text, never raising (some aiohttp errors cannot render themselves)."""
+    try:
+        return str(exc) or type(exc).__name__
+    except Exception:
+        return type(exc).__name__
+
+
 def _unavailable(what: str, exc: BaseException) -> EngineUnavailable:
     return EngineUnavailable(
         f"The Docker Engine cannot be reached while trying to {what}; "
         "check that dockerd is running.",
-        {"engine_message": str(exc) or type(exc).__name__},
+        {"engine_message": _text(exc)},
     )
 
 
@@ -61,7 +69,7 @@ def translate(what: str) -> Iterator[None]:
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise EngineUnavailable(
             f"The Docker Engine did not answer in time while trying to {what}.",
-            {"engine_message": str(exc) or "timeout"},
+            {"engine_message": _text(exc)},
         ) from None
     except (aiohttp.ClientConnectionError, ConnectionError, FileNotFoundError) as exc:
         raise _unavailable(what, exc) from None
@@ -71,7 +79,7 @@ def translate(what: str) -> Iterator[None]:
         raise EngineError(
             f"The Docker Engine's answer could not be read while trying to {what} "
             f"({type(exc).__name__}).",
-            {"engine_message": str(exc)},
+            {"engine_message": _text(exc)},
         ) from None
 
 
