@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd.core.settings import Defaults, Policy, Quota
+from sandboxd.rpc.limits import Limits
 from sandboxd.wire.units import parse_size
 
 MIB = 1024 * 1024
@@ -59,12 +60,14 @@ class Config:
     cleanup_on_exit: bool = False
     create_grace: float = 30.0  # a container created but never started is removed after this
     relist_interval: float = 30.0  # how often the engine's containers are re-listed
+    engine_concurrency: int = 32  # engine calls at once; more wait their turn
     log_level: str = "info"
     log_format: str = "auto"  # auto, json or console
     defaults: Defaults = field(default_factory=Defaults)
     policy: Policy = field(default_factory=Policy)
     quota: Quota = field(default_factory=Quota)
     events: EventsConfig = field(default_factory=EventsConfig)
+    limits: Limits = field(default_factory=Limits)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -72,8 +75,9 @@ _SECTIONS: dict[str, type[Any]] = {
     "policy": Policy,
     "quota": Quota,
     "events": EventsConfig,
+    "limits": Limits,
 }
-_SIZE_KEYS = {"memory", "max_memory", "max_output", "max_frame"}
+_SIZE_KEYS = {"memory", "max_memory", "max_output", "max_frame", "max_input", "max_input_total"}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 
 
@@ -181,4 +185,12 @@ def load_config(
         raise ConfigError("log_format: expected auto, json or console")
     if not config.defaults.command:
         raise ConfigError("[defaults] command: must not be empty")
+    lim = config.limits
+    if not 0 <= lim.admin_connections < lim.max_connections:
+        raise ConfigError("[limits] admin_connections: must be less than max_connections")
+    for name in ("max_connections_per_uid", "max_in_flight", "max_in_flight_per_uid"):
+        if getattr(lim, name) < 1:
+            raise ConfigError(f"[limits] {name}: must be at least 1")
+    if config.engine_concurrency < 1:
+        raise ConfigError("engine_concurrency: must be at least 1")
     return config

@@ -21,6 +21,7 @@ import functools
 import gc
 import grp
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -35,7 +36,7 @@ from sandboxd import systemd
 from sandboxd.backend.docker import DockerBackend
 from sandboxd.config import Config
 from sandboxd.core.records import SandboxRecord
-from sandboxd.logsetup import flush_logs
+from sandboxd.logsetup import RateLimitedErrors, flush_logs
 from sandboxd.rpc.dispatcher import Dispatcher
 from sandboxd.rpc.methods.daemon import build_daemon_methods
 from sandboxd.rpc.methods.events import build_event_methods
@@ -107,7 +108,10 @@ async def build(config: Config) -> Daemon:
     """Open the state and wire the layers; ``StartupError`` for anything that stops it."""
     is_admin = make_is_admin(config)
     backend = DockerBackend(
-        config.engine_url, command=config.defaults.command, nofile=config.defaults.nofile
+        config.engine_url,
+        command=config.defaults.command,
+        nofile=config.defaults.nofile,
+        concurrency=config.engine_concurrency,
     )
     store = StateStore(config.state_dir)
     bus = EventBus(
@@ -154,8 +158,25 @@ async def build(config: Config) -> Daemon:
         + build_exec_methods(execs, config.max_frame)
         + build_event_methods(bus)
     )
-    server = RpcServer(dispatcher, max_frame=config.max_frame, is_admin=is_admin)
+    server = RpcServer(
+        dispatcher, max_frame=config.max_frame, is_admin=is_admin, limits=config.limits
+    )
     return Daemon(config, backend, store, bus, registry, sandboxes, execs, watcher, server)
+
+
+FD_MARGIN = 512  # descriptors beyond client connections: engine, state, streams
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Take the soft fd limit up to the hard one; warn when it cannot hold the connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_MARGIN:
+        log.warning("fd_limit_low", limit=soft, max_connections=max_connections,
+                    hint="raise LimitNOFILE or lower [limits] max_connections")
 
 
 def _exit_at_once(sig: int) -> None:
@@ -177,6 +198,8 @@ async def serve(config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.set_exception_handler(RateLimitedErrors())
+    raise_fd_limit(config.limits.max_connections)
     try:
         d = await build(config)
     except StartupError:

@@ -206,6 +206,38 @@ class RequestLog:
         )
 
 
+class RateLimitedErrors:
+    """An event-loop exception handler that logs each kind of error at a bounded rate.
+
+    asyncio reports every failed ``accept()`` (out of descriptors, say) through
+    the loop's exception handler; under a flood of connections that is tens of
+    thousands of lines a second. The same message is logged at most once per
+    ``INTERVAL``, with how many were suppressed since.
+    """
+
+    INTERVAL = 10.0
+    MAX_KINDS = 256
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("sandboxd.loop")
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message") or "unexpected error")
+        exc = context.get("exception")
+        kind = f"{message}|{type(exc).__name__ if exc is not None else ''}"
+        now = time.monotonic()
+        last, suppressed = self._last.get(kind, (0.0, 0))
+        if now - last < self.INTERVAL:
+            self._last[kind] = (last, suppressed + 1)
+            return
+        if len(self._last) >= self.MAX_KINDS:
+            self._last.clear()
+        self._last[kind] = (now, 0)
+        self._log.error("loop_error", message=message, suppressed=suppressed,
+                        exc_info=exc if isinstance(exc, BaseException) else None)
+
+
 def flush_logs() -> None:
     if _writer is not None:
         _writer.flush()

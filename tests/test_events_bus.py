@@ -59,6 +59,7 @@ class FakeCtx:
         self.notes: list[tuple[str, list[Any]]] = []
         self.stuck = stuck
         self.drains = 0
+        self.holds = 0
 
     def log_request(self, **fields: Any) -> None:
         pass
@@ -70,6 +71,12 @@ class FakeCtx:
         self.drains += 1
         if self.stuck:
             await asyncio.Event().wait()
+
+    def hold(self) -> None:
+        self.holds += 1
+
+    def release(self) -> None:
+        self.holds -= 1
 
     def close(self) -> None:
         self.closed = True
@@ -519,6 +526,8 @@ class Ctx:
     log = structlog.get_logger("test")
     def notify(self, method, params): self.seen = params[1]["seq"]
     async def drain(self): pass
+    def hold(self): pass
+    def release(self): pass
 
 async def main():
     bus = EventBus({str(tmp_path)!r})

@@ -59,6 +59,7 @@ class EventSender:
         self._stopped = False
         self.task: asyncio.Task[None] | None = None
         if not ctx.closed:
+            ctx.hold()  # an idle subscriber's connection is not idle
             self.task = asyncio.get_running_loop().create_task(
                 self.run(), name=f"events-{sub.id}"
             )
@@ -91,9 +92,13 @@ class EventSender:
         self.ctx.notify("events.lagged", [self.sub.id, info])
 
     def stop(self) -> None:
+        if self._stopped:
+            return
         self._stopped = True
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        if self.task is not None:
+            self.ctx.release()
+            if not self.task.done():
+                self.task.cancel()
 
     def _wake_task(self) -> None:
         waiter = self._waiter

@@ -48,6 +48,13 @@ class CallContext(Protocol):
     async def drain(self) -> None:
         """Wait until the caller has read enough of what was sent (back-pressure)."""
 
+    def hold(self) -> None:
+        """Something long-lived (a subscription, a stream) uses the connection: an idle
+        connection is not closed while it holds one."""
+
+    def release(self) -> None:
+        """The end of what ``hold`` announced."""
+
 
 Handler = Callable[[CallContext, dict[str, Any]], Any]
 

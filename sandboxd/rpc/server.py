@@ -2,8 +2,8 @@
 
 Owns binding the listening socket (or using one inherited from systemd),
 refusing to start over a live daemon, replacing a stale socket file, mode
-0660 and the configured group; accepting clients into ``Connection``s; and
-the server's part of an ordered shutdown (stop accepting, let in-flight calls
+0660 and the configured group; accepting clients into ``Connection``s under
+the shared limits; and the server's part of an ordered shutdown (stop accepting, let in-flight calls
 finish within a grace, cancel the rest, close connections). It must not know
 what any method does.
 """
@@ -15,10 +15,16 @@ import grp
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 
-from sandboxd.rpc.connection import Connection
+import structlog
+
+from sandboxd.rpc.connection import BIG_BUFFER, Connection
 from sandboxd.rpc.dispatcher import Dispatcher
+from sandboxd.rpc.limits import Accounting, Limits, MemoryTrim
+
+log = structlog.get_logger("sandboxd.server")
 
 
 class StartupError(Exception):
@@ -81,25 +87,48 @@ def _bind(path: str, group: str | None) -> socket.socket:
 
 
 class RpcServer:
+    """Accepts clients into ``Connection``s and keeps the limits they share.
+
+    Owns the per-uid and total accounting (``limits.Accounting``), waking
+    connections that waited for their uid's calls or for the input budget,
+    the once-a-second sweep that closes connections past a deadline, the
+    rate-limited log of refused connections, and giving memory back after a
+    connection that held a large buffer is gone.
+    """
+
+    SWEEP_INTERVAL = 1.0
+    REFUSAL_LOG_INTERVAL = 10.0
+
     def __init__(
         self,
         dispatcher: Dispatcher,
         *,
         max_frame: int,
         is_admin: Callable[[int, int, frozenset[int]], bool],
+        limits: Limits | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.max_frame = max_frame
         self.is_admin = is_admin
+        self.limits = limits or Limits()
+        self.accounting = Accounting(self.limits)
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._idle = asyncio.Event()
+        self._uid_waiters: dict[int, set[Connection]] = {}
+        self._starved: list[Connection] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._trim = MemoryTrim()
+        self._trim_handle: asyncio.TimerHandle | None = None
+        self._refusals = 0
+        self._refusal_logged = 0.0
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+        self._sweeper = loop.create_task(self._sweep_forever(), name="rpc-sweeper")
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -108,9 +137,72 @@ class RpcServer:
     def in_flight(self) -> int:
         return len(self.tasks)
 
-    def task_finished(self) -> None:
-        if self.in_flight() == 0:
+    # -- what connections report ----------------------------------------------
+
+    def refused(self, uid: int, why: str) -> None:
+        """A connection over a limit was turned away; logged at a bounded rate."""
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= self.REFUSAL_LOG_INTERVAL:
+            log.warning("connections_refused", count=self._refusals, last_uid=uid, reason=why)
+            self._refusals = 0
+            self._refusal_logged = now
+
+    def call_started(self, conn: Connection, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        self.accounting.call_started(conn.caller.uid)
+
+    def call_ended(self, conn: Connection, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self.accounting.call_ended(conn.caller.uid):
+            for waiter in self._uid_waiters.pop(conn.caller.uid, set()):
+                waiter.wake()
+        if not self.tasks:
             self._idle.set()
+
+    def wait_for_uid(self, conn: Connection) -> None:
+        self._uid_waiters.setdefault(conn.caller.uid, set()).add(conn)
+
+    def input_changed(self, conn: Connection, delta: int) -> None:
+        accounting = self.accounting
+        accounting.input_changed(delta)
+        if delta > 0 and accounting.input_full and not conn.starved:
+            conn.starved = True  # read nothing more from it until the budget has room
+            self._starved.append(conn)
+        elif delta < 0 and self._starved and not accounting.input_full:
+            starved, self._starved = self._starved, []
+            for waiter in starved:
+                waiter.starved = False
+                waiter.wake()
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.accounting.leave(conn.caller.uid)
+        waiting = self._uid_waiters.get(conn.caller.uid)
+        if waiting is not None:
+            waiting.discard(conn)
+        if conn.starved:
+            self._starved.remove(conn)
+        if conn.peak >= BIG_BUFFER:
+            self._trim_soon()
+
+    def _trim_soon(self) -> None:
+        if self._trim_handle is None:
+            loop = asyncio.get_running_loop()
+            self._trim_handle = loop.call_later(MemoryTrim.MIN_INTERVAL, self._do_trim)
+
+    def _do_trim(self) -> None:
+        self._trim_handle = None
+        self._trim()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.SWEEP_INTERVAL)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.expire(now)
+
+    # -- shutdown ------------------------------------------------------------
 
     async def drain(self, grace: float, cleanup: float) -> int:
         """Let in-flight calls finish for up to ``grace`` seconds, then cancel the rest and
@@ -132,6 +224,11 @@ class RpcServer:
         return len(leftover)
 
     def close_connections(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

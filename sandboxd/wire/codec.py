@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from sandboxd.wire.errors import InvalidRequest, SandboxdError, TooLarge
+from sandboxd.wire.framescan import FrameScan
 
 REQUEST = 0
 RESPONSE = 1
@@ -200,12 +201,29 @@ class Decoder:
         self._head_at = -1  # stream offset where that frame starts
         self._last: memoryview = memoryview(b"")  # the chunk fed last, and where it starts
         self._last_at = 0
+        self._scan_at = -1  # where the frame being scanned starts
+        self._scanner = FrameScan(max_frame)
         self.broken = False
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet decoded into messages."""
         return self._fed - self._done + self._backlog_size
+
+    @property
+    def incomplete(self) -> bool:
+        """True when everything received is decoded but the start of a next message:
+        the decoder waits for the sender to finish it."""
+        return not self._backlog and self._fed > self._done and not self.broken
+
+    def release(self) -> None:
+        """Drop every byte held (the connection is gone); the decoder is unusable after."""
+        self.broken = True
+        self._backlog.clear()
+        self._backlog_size = 0
+        self._last = memoryview(b"")
+        self._unpacker = msgpack.Unpacker()  # the old one's buffer is freed now, not at GC
+        self._fed = self._done = 0
 
     def feed(self, data: bytes) -> None:
         """Add received bytes (nothing is decoded until ``next()``)."""
@@ -223,6 +241,9 @@ class Decoder:
                 obj = unpacker.unpack()
             except msgpack.OutOfData:
                 self._note_head()
+                doomed = self._scan()
+                if doomed is not None:
+                    return doomed
                 if not self._backlog:
                     return None
                 overflow = self._feed_more()
@@ -266,6 +287,22 @@ class Decoder:
             self._head_at = start
             self._head = bytes(self._last[max(0, start - self._last_at) :][:32])
 
+    def _scan(self) -> BadMessage | None:
+        """Refuse the incomplete frame now if what it declared cannot fit the limit."""
+        if self._done != self._scan_at:
+            self._scan_at = self._done
+            self._scanner = FrameScan(self.max_frame)
+        scanner = self._scanner
+        if scanner.done:
+            return None
+        start = self._scan_at + scanner.pos - self._last_at
+        if start < 0 or start >= len(self._last):
+            return None
+        reason = scanner.feed(self._last[start:])
+        if reason is None:
+            return None
+        return self._overflow(reason)
+
     def _remember_head(self, chunk: memoryview, chunk_at: int) -> None:
         self._last, self._last_at = chunk, chunk_at
         if len(self._head) < 32 and self._head_at == self._done:
@@ -282,14 +319,18 @@ class Decoder:
             True,
         )
 
-    def _overflow(self) -> BadMessage:
+    def _overflow(self, declared: str | None = None) -> BadMessage:
         self.broken = True
         self._backlog.clear()
         self._backlog_size = 0
+        what = (
+            f"A message declares {declared}, more than fits the limit of {self.max_frame} bytes"
+            if declared
+            else f"A message is larger than the limit of {self.max_frame} bytes"
+        )
         return BadMessage(
             TooLarge(
-                f"A message is larger than the limit of {self.max_frame} bytes; "
-                "send smaller payloads (for example, write a file in pieces).",
+                f"{what}; send smaller payloads (for example, write a file in pieces).",
                 {"limit": self.max_frame},
             ),
             _peek_msgid(self._head),

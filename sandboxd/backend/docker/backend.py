@@ -66,8 +66,10 @@ def container_info(data: dict[str, Any]) -> ContainerInfo:
 class DockerBackend(Backend):
     name = "docker"
 
-    def __init__(self, url: str | None, *, command: list[str], nofile: int) -> None:
-        self.engine = Engine(url)
+    def __init__(
+        self, url: str | None, *, command: list[str], nofile: int, concurrency: int = 32
+    ) -> None:
+        self.engine = Engine(url, concurrency=concurrency)
         self._command = list(command)
         self._nofile = nofile
         self._stats = StatsReader(self.engine)

@@ -120,35 +120,66 @@ class RawStream:
 
 
 class Engine:
-    """A connection to one Docker Engine."""
+    """A connection to one Docker Engine: calls bounded and queued, streams apart.
 
-    def __init__(self, url: str | None = None) -> None:
+    Request/response calls share ``concurrency`` connections (aiohttp queues
+    the rest, so a burst of calls never opens one engine connection each);
+    streams that stay open for a process's life (exec and attach, the event
+    stream) use a second pool, so they can never starve the calls.
+    """
+
+    def __init__(self, url: str | None = None, *, concurrency: int = 32) -> None:
         # Explicit, so a missing socket at start-up is "unreachable", not a crash.
         self.url = url or os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE_URL
-        self._docker: aiodocker.Docker | None = None
+        self.concurrency = concurrency
+        self._calls: aiodocker.Docker | None = None
+        self._streams: aiodocker.Docker | None = None
+        self._connectors: list[aiohttp.BaseConnector] = []  # ours to close, not aiodocker's
+
+    def _client(self, limit: int) -> aiodocker.Docker:
+        connector: aiohttp.BaseConnector | None = None
+        url = self.url
+        if url.startswith("unix://"):
+            connector = aiohttp.UnixConnector(url[len("unix://") :], limit=limit)
+            self._connectors.append(connector)
+            url = "unix://localhost"  # the host part of every request URL, as aiodocker's own
+        try:
+            docker = aiodocker.Docker(url=url, connector=connector, timeout=CALL_TIMEOUT)
+        except ValueError as exc:
+            raise EngineUnavailable(
+                f"The Docker Engine URL {self.url!r} is not usable: {exc}",
+                {"engine_message": str(exc)},
+            ) from None
+        if connector is None:
+            # A tcp:// or ssh:// engine: aiodocker builds the connector (TLS settings and
+            # all) and offers no way to size it but this attribute.
+            built = getattr(docker, "connector", None)
+            if built is not None and hasattr(built, "_limit"):
+                built._limit = limit
+        return docker
 
     @property
     def docker(self) -> aiodocker.Docker:
-        if self._docker is None:
-            try:
-                docker = aiodocker.Docker(url=self.url, timeout=CALL_TIMEOUT)
-            except ValueError as exc:
-                raise EngineUnavailable(
-                    f"The Docker Engine URL {self.url!r} is not usable: {exc}",
-                    {"engine_message": str(exc)},
-                ) from None
-            # Every running exec holds one connection for its whole life: with aiohttp's
-            # default pool of 100, long execs would starve every other call. Unlimited.
-            connector = getattr(docker, "connector", None)
-            if connector is not None and hasattr(connector, "_limit"):
-                connector._limit = 0
-            self._docker = docker
-        return self._docker
+        """The client for request/response calls (``concurrency`` connections)."""
+        if self._calls is None:
+            self._calls = self._client(self.concurrency)
+        return self._calls
+
+    @property
+    def streams(self) -> aiodocker.Docker:
+        """The client for long-lived streams (one connection each, no limit)."""
+        if self._streams is None:
+            self._streams = self._client(0)
+        return self._streams
 
     async def close(self) -> None:
-        if self._docker is not None:
-            await self._docker.close()
-            self._docker = None
+        for client in (self._calls, self._streams):
+            if client is not None:
+                await client.close()
+        for connector in self._connectors:
+            await connector.close()
+        self._calls = self._streams = None
+        self._connectors = []
 
     async def version(self) -> dict[str, Any]:
         with translate("report its version"):
@@ -241,7 +272,7 @@ class Engine:
         async def setup() -> tuple[URL, bytes, bool]:
             return URL(f"exec/{exec_id}/start"), body, True
 
-        stream = Stream(self.docker, setup, None)
+        stream = Stream(self.streams, setup, None)
         with translate("start an exec"):
             await stream.__aenter__()
         return RawStream(stream)
@@ -267,7 +298,7 @@ class Engine:
         if since is not None:
             params["since"] = f"{since:.3f}"
         with translate("follow engine events"):
-            async with self.docker._query(
+            async with self.streams._query(
                 "events", params=params, timeout=aiohttp.ClientTimeout()
             ) as response:
                 buffer = b""
