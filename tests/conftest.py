@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -192,6 +193,40 @@ class Daemon:
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out
+
+
+def reachable(d: Daemon) -> Daemon:
+    """Let other uids reach the daemon's socket (its directory is a private temp dir)."""
+    os.chmod(d.workdir, 0o755)
+    return d
+
+
+def run_as(uid: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a forked child as ``uid`` (group root: the socket is 0660
+    root:root, so it connects yet is no admin) and return what it returned."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: plain sockets only, then leave at once
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(0)
+            os.setuid(uid)
+            data = pickle.dumps(("ok", fn(*args)))
+        except BaseException as exc:  # reported to the parent, which fails the test
+            data = pickle.dumps(("error", repr(exc)))
+            code = 1
+        with os.fdopen(write_end, "wb") as out:
+            out.write(data)
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as inp:
+        data = inp.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    assert kind == "ok", value
+    return value
 
 
 @pytest.fixture(scope="session")

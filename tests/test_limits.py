@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import socket
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import Daemon, call_on, raw_call
+from conftest import Daemon, call_on, raw_call, reachable, run_as
 
 SpawnDaemon = Callable[..., Daemon]
 USER = 65534
@@ -57,34 +56,6 @@ def sockets_of(pid: int) -> int:
     return count
 
 
-def run_as(uid: int, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` in a forked child as ``uid`` (group root: the socket is 0660
-    root:root, so it connects yet is no admin) and return what it returned."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: plain sockets only, then leave at once
-        code = 0
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(0)
-            os.setuid(uid)
-            data = pickle.dumps(("ok", fn(*args)))
-        except BaseException as exc:  # reported to the parent, which fails the test
-            data = pickle.dumps(("error", repr(exc)))
-            code = 1
-        with os.fdopen(write_end, "wb") as out:
-            out.write(data)
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as inp:
-        data = inp.read()
-    os.waitpid(pid, 0)
-    kind, value = pickle.loads(data)
-    assert kind == "ok", value
-    return value
-
-
 def connect(path: str, timeout: float = 10) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
@@ -107,12 +78,6 @@ def read_until_closed(sock: socket.socket, within: float) -> list[Any]:
 
 def root_pings(d: Daemon) -> bool:
     return bool(raw_call(d.socket, "daemon.ping", timeout=5) == [1, 1, None, "pong"])
-
-
-def reachable(d: Daemon) -> Daemon:
-    """Let other uids reach the socket (its directory is a private temp dir)."""
-    os.chmod(d.workdir, 0o755)
-    return d
 
 
 @pytest.fixture

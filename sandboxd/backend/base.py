@@ -197,5 +197,10 @@ class Backend(ABC):
         """SPEC §3 ``sandbox.stats`` figures, fast (well under a second)."""
 
     @abstractmethod
+    async def main_process_alive(self, container_id: str) -> bool:
+        """Whether the container's main process is still alive right now (not ended, not
+        a zombie), asked of the host where the engine's view may lag behind."""
+
+    @abstractmethod
     def forget(self, container_id: str) -> None:
         """Drop what is cached about the container (its main process changed or it is gone)."""

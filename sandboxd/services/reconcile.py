@@ -15,6 +15,7 @@ on a caller's behalf, nor write the store or the deadlines itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -47,7 +48,9 @@ class Reconciler:
         self.backend = backend
         self.create_grace = create_grace
         self.label = f"{LABEL_INSTANCE}={instance}"
-        self._oom: set[str] = set()  # sandboxes whose OOM event came before their death
+        # Sandboxes whose main process was found dead right after an OOM kill: their death
+        # is that OOM. An OOM kill that took only a command's child is not.
+        self._oom_deaths: set[str] = set()
 
     async def reconcile(self) -> None:
         """Compare every record with the engine's containers and settle differences."""
@@ -103,20 +106,14 @@ class Reconciler:
         self, record: SandboxRecord, engine_state: str, event: ContainerEvent | None
     ) -> None:
         async def died() -> dict[str, Any]:
-            data: dict[str, Any] = {}
-            oom = record.id in self._oom
-            self._oom.discard(record.id)
-            if event is not None:
-                if event.exit_code is not None:
-                    data["exit_code"] = event.exit_code
-            else:
-                try:
-                    info = await self.backend.inspect(record.container_id or "")
-                    data["exit_code"] = info.exit_code
-                    oom = oom or info.oom_killed
-                except SandboxdError:
-                    pass
-            data["oom_killed"] = oom
+            data: dict[str, Any] = {"oom_killed": record.id in self._oom_deaths}
+            self._oom_deaths.discard(record.id)
+            exit_code = event.exit_code if event is not None else None
+            if event is None:
+                with contextlib.suppress(SandboxdError):
+                    exit_code = (await self.backend.inspect(record.container_id or "")).exit_code
+            if exit_code is not None:
+                data["exit_code"] = exit_code
             return data
 
         await self.sandboxes.follow(
@@ -130,7 +127,11 @@ class Reconciler:
         if record is None or self.registry.busy(record.id):
             return  # not ours (any more), or our own call in flight will settle it
         if event.action == "oom":
-            self._oom.add(record.id)
+            # Was it the sandbox's main process? Ask the host now: the engine's "die" may
+            # come later, and a command's child being killed leaves the main one alive.
+            with contextlib.suppress(SandboxdError):
+                if not await self.backend.main_process_alive(record.container_id or ""):
+                    self._oom_deaths.add(record.id)
             self.sandboxes.publish("sandbox.oom", record, {"cause": "external"})
         elif event.action == "pause":
             await self._follow(record, "paused", event)

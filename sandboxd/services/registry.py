@@ -1,7 +1,8 @@
 """The registry of sandboxes: every record by id and name, who may see it, and its status.
 
 Owns the in-memory set of sandbox records, their lookup by id or name with
-the one ownership rule (a sandbox of another user is ``not_found``), listing
+the one ownership rule (a sandbox of another user is ``not_found``; a name
+is unique per owner and resolves within the caller's own sandboxes, SPEC §5), listing
 with filters, the per-sandbox lock that orders lifecycle calls, the count of
 activities holding a sandbox busy (running commands), the note of when the
 daemon last changed a sandbox's status, and ``set_status``: the one place a
@@ -26,7 +27,7 @@ class Registry:
     def __init__(self, store: StateStore) -> None:
         self.store = store
         self._by_id: dict[str, SandboxRecord] = {}
-        self._by_name: dict[str, str] = {}
+        self._by_name: dict[tuple[int, str], str] = {}  # (owner uid, name) -> sandbox id
         self._locks: dict[str, asyncio.Lock] = {}
         self._changed: dict[str, float] = {}  # sandbox id -> when we last changed its status
         self._active: dict[str, int] = {}  # sandbox id -> activities running (commands)
@@ -53,7 +54,7 @@ class Registry:
     def lookup(self, caller: Caller, ref: str) -> SandboxRecord:
         record = self._by_id.get(ref)
         if record is None:
-            sid = self._by_name.get(ref)
+            sid = self._by_name.get((caller.uid, ref))
             record = self._by_id.get(sid) if sid else None
         if record is None or not caller.sees(record.owner_uid):
             raise NotFound(f"No sandbox with id or name {ref!r}.", {"id": ref})
@@ -79,29 +80,32 @@ class Registry:
     def new_id(self) -> str:
         while True:
             sid = secrets.token_hex(6)
-            if sid not in self._by_id and sid not in self._by_name:
+            if sid not in self._by_id:
                 return sid
 
     def reserve(self, record: SandboxRecord) -> None:
         """Add a sandbox being created; its id and name are taken from now on."""
-        if record.name in self._by_name:
+        key = (record.owner_uid, record.name)
+        if key in self._by_name:
             raise Conflict(
-                f"The name {record.name!r} is already taken by another sandbox.",
+                f"The name {record.name!r} is already taken by one of your sandboxes; "
+                "choose another.",
                 {"name": record.name},
             )
         self._by_id[record.id] = record
-        self._by_name[record.name] = record.id
+        self._by_name[key] = record.id
 
     def register(self, record: SandboxRecord) -> None:
         """Add a known sandbox (adopted at start-up or from the engine)."""
         self._by_id[record.id] = record
-        self._by_name.setdefault(record.name, record.id)
+        self._by_name.setdefault((record.owner_uid, record.name), record.id)
 
     def forget(self, record: SandboxRecord) -> None:
         """Drop the sandbox; ``on_forget`` hooks end what still runs in it."""
         self._by_id.pop(record.id, None)
-        if self._by_name.get(record.name) == record.id:
-            del self._by_name[record.name]
+        key = (record.owner_uid, record.name)
+        if self._by_name.get(key) == record.id:
+            del self._by_name[key]
         self._locks.pop(record.id, None)
         self._changed.pop(record.id, None)
         self._active.pop(record.id, None)

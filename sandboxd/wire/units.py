@@ -11,6 +11,7 @@ import datetime as _dt
 import re
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MAX_SIZE = 2**63 - 1  # what the engine (and any int64 field) can hold
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bkmg]?)b?\s*$", re.IGNORECASE)
 
 
@@ -21,6 +22,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value}")
+        if value > MAX_SIZE:
+            raise ValueError(f"a size must be at most {MAX_SIZE} bytes")
         return value
     if isinstance(value, str):
         match = _SIZE_RE.match(value)
@@ -29,7 +32,15 @@ def parse_size(value: object) -> int:
                 f"{value!r} is not a size: use bytes or a number with b, k, m or g (e.g. '512m')"
             )
         number, unit = match.groups()
-        return int(float(number) * _UNITS[unit.lower()])
+        whole, _, fraction = number.partition(".")
+        scale = _UNITS[unit.lower()]
+        # Exact arithmetic: a float would overflow (or round) on long digit strings.
+        size = int(whole) * scale
+        if fraction:
+            size += int(fraction) * scale // 10 ** len(fraction)
+        if size > MAX_SIZE:
+            raise ValueError(f"{value[:40]!r} is more than {MAX_SIZE} bytes")
+        return size
     raise ValueError(
         f"expected a size in bytes or a string like '512m', got {type(value).__name__}"
     )

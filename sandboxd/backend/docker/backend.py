@@ -24,6 +24,7 @@ from sandboxd.backend.base import (
 from sandboxd.backend.docker.containerspec import container_config
 from sandboxd.backend.docker.engine import Engine
 from sandboxd.backend.docker.processes import DockerProcess
+from sandboxd.backend.docker.proctree import process_alive
 from sandboxd.backend.docker.stats import StatsReader
 from sandboxd.wire.units import parse_time
 
@@ -136,6 +137,10 @@ class DockerBackend(Backend):
 
     async def stats(self, container_id: str) -> dict[str, Any]:
         return await self._stats.stats(container_id)
+
+    async def main_process_alive(self, container_id: str) -> bool:
+        info = await self.inspect(container_id)
+        return info.pid > 0 and process_alive(info.pid)
 
     def forget(self, container_id: str) -> None:
         self._stats.forget(container_id)

@@ -51,6 +51,16 @@ def _parent_map(namespace: str) -> dict[int, tuple[int, int]]:
     return parents
 
 
+def process_alive(pid: int) -> bool:
+    """True when ``pid`` runs (exists and is neither a zombie nor dead) on this host."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_bytes()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
+
+
 def _has_marker(pid: int, marker: bytes) -> bool:
     try:
         return marker in (PROC / str(pid) / "environ").read_bytes()

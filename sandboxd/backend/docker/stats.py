@@ -19,6 +19,8 @@ import structlog
 from sandboxd.backend.docker import cgroupstats
 from sandboxd.backend.docker.engine import Engine
 from sandboxd.backend.docker.enginestats import summarize as summarize_engine_stats
+from sandboxd.backend.docker.proctree import process_alive
+from sandboxd.wire.errors import Conflict
 from sandboxd.wire.units import parse_time
 
 log = structlog.get_logger("sandboxd.backend.docker")
@@ -35,6 +37,14 @@ class _Source:
     engine_previous: tuple[float, dict[str, Any]] | None = None
 
 
+def _ended(cid: str) -> Conflict:
+    return Conflict(
+        "The sandbox's main process has ended: there is nothing left to measure; "
+        "remove it and create a new one.",
+        {"status": "stopped", "container_id": cid},
+    )
+
+
 class StatsReader:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -44,6 +54,8 @@ class StatsReader:
         self._sources.pop(container_id, None)
 
     async def stats(self, cid: str) -> dict[str, Any]:
+        """Figures of a live container; ``Conflict`` once its main process has ended
+        (its cgroup may linger with zeros, and the engine still answers for it)."""
         source = self._sources.get(cid)
         if source is None:
             source = self._sources[cid] = await self._source(cid)
@@ -53,8 +65,16 @@ class StatsReader:
             except OSError:
                 source.reader = None  # the container's process changed: use the engine
             else:
-                previous, source.previous = source.previous, sample
-                return cgroupstats.summarize(sample, previous, source.started_ns)
+                if process_alive(source.reader.pid):
+                    previous, source.previous = source.previous, sample
+                    return cgroupstats.summarize(sample, previous, source.started_ns)
+                self.forget(cid)
+                raise _ended(cid)
+        info = await self._engine.inspect(cid)
+        state = info.get("State") or {}
+        if not state.get("Running"):
+            self.forget(cid)
+            raise _ended(cid)
         return await self._engine_stats(cid, source)
 
     async def _source(self, cid: str) -> _Source:
