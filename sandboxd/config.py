@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core.settings import Defaults, Policy, Quota
+from sandboxd.core.settings import Defaults, DiskSettings, Policy, Quota
 from sandboxd.rpc.limits import Limits
 from sandboxd.wire.units import parse_size
 
@@ -68,6 +68,7 @@ class Config:
     quota: Quota = field(default_factory=Quota)
     events: EventsConfig = field(default_factory=EventsConfig)
     limits: Limits = field(default_factory=Limits)
+    disk: DiskSettings = field(default_factory=DiskSettings)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -76,8 +77,12 @@ _SECTIONS: dict[str, type[Any]] = {
     "quota": Quota,
     "events": EventsConfig,
     "limits": Limits,
+    "disk": DiskSettings,
 }
-_SIZE_KEYS = {"memory", "max_memory", "max_output", "max_frame", "max_input", "max_input_total"}
+_SIZE_KEYS = {
+    "memory", "max_memory", "max_output", "max_frame", "max_input", "max_input_total", "disk",
+    "max_disk", "floor",
+}
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 
 
@@ -193,4 +198,8 @@ def load_config(
             raise ConfigError(f"[limits] {name}: must be at least 1")
     if config.engine_concurrency < 1:
         raise ConfigError("engine_concurrency: must be at least 1")
+    if config.disk.enforcement not in ("auto", "quota", "measured"):
+        raise ConfigError("[disk] enforcement: expected auto, quota or measured")
+    if not 0 < config.defaults.uid_min <= config.defaults.uid_max:
+        raise ConfigError("[defaults] uid_min, uid_max: expected 0 < uid_min <= uid_max")
     return config

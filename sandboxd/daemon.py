@@ -43,6 +43,7 @@ from sandboxd.rpc.methods.events import build_event_methods
 from sandboxd.rpc.methods.exec import build_exec_methods
 from sandboxd.rpc.methods.sandbox import build_sandbox_methods
 from sandboxd.rpc.server import RpcServer, StartupError, bind_unix_socket
+from sandboxd.services.diskguard import DiskGuard
 from sandboxd.services.eventbus import EventBus
 from sandboxd.services.execs import ExecService
 from sandboxd.services.health import engine_info
@@ -101,6 +102,7 @@ class Daemon:
     sandboxes: SandboxService
     execs: ExecService
     watcher: EngineWatcher
+    disk_guard: DiskGuard
     server: RpcServer
 
 
@@ -112,6 +114,7 @@ async def build(config: Config) -> Daemon:
         command=config.defaults.command,
         nofile=config.defaults.nofile,
         concurrency=config.engine_concurrency,
+        disk_enforcement=config.disk.enforcement,
     )
     store = StateStore(config.state_dir)
     bus = EventBus(
@@ -137,9 +140,10 @@ async def build(config: Config) -> Daemon:
 
     registry = Registry(store)
     sandboxes = SandboxService(
-        backend, registry, instance=config.instance, policy=config.policy,
-        quota=config.quota, publish=publish,
+        backend, registry, instance=config.instance, defaults=config.defaults,
+        policy=config.policy, quota=config.quota, publish=publish,
     )
+    disk_guard = DiskGuard(backend, sandboxes, config.disk)
     execs = ExecService(
         backend, registry, sandboxes.deadlines, defaults=config.defaults,
         policy=config.policy, quota=config.quota, publish=publish,
@@ -153,7 +157,7 @@ async def build(config: Config) -> Daemon:
         relist_interval=config.relist_interval,
     )
     dispatcher = Dispatcher(
-        build_daemon_methods(registry, functools.partial(engine_info, backend))
+        build_daemon_methods(registry, functools.partial(engine_info, backend), disk_guard.info)
         + build_sandbox_methods(sandboxes, config.defaults, config.policy)
         + build_exec_methods(execs, config.max_frame)
         + build_event_methods(bus)
@@ -161,7 +165,9 @@ async def build(config: Config) -> Daemon:
     server = RpcServer(
         dispatcher, max_frame=config.max_frame, is_admin=is_admin, limits=config.limits
     )
-    return Daemon(config, backend, store, bus, registry, sandboxes, execs, watcher, server)
+    return Daemon(
+        config, backend, store, bus, registry, sandboxes, execs, watcher, disk_guard, server
+    )
 
 
 FD_MARGIN = 512  # descriptors beyond client connections: engine, state, streams
@@ -217,6 +223,7 @@ async def serve(config: Config) -> int:
             await asyncio.wait_for(d.watcher.synced.wait(), timeout=STARTUP_SYNC_WAIT)
         await d.server.start(sock)
         d.sandboxes.deadlines.start()
+        d.disk_guard.start()
         watchdog = loop.create_task(notifier.run_watchdog())
     except BaseException as exc:
         await shutdown(d, notifier, None, activated, started=False)
@@ -304,6 +311,7 @@ async def shutdown(
         # and systemd is asked for more time before each one.
         await step("cleanup_on_exit", d.sandboxes.remove_all(progress), bounded=False)
     await step("scheduler", d.sandboxes.deadlines.stop())
+    await step("disk_guard", d.disk_guard.stop())
     await step("engine_watch", d.watcher.stop())
     await step("state", d.store.close())
     await step("events", d.bus.close())

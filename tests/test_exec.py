@@ -21,6 +21,7 @@ from sandboxd_client import (
     ConnectionLost,
     InvalidParams,
     NotFound,
+    PermissionDenied,
     SandboxClient,
 )
 from sandboxd_client.aio import Sandbox
@@ -344,13 +345,44 @@ async def test_workdir_default_and_override(make_sandbox: MakeSandbox) -> None:
     assert (await sb2.exec(["pwd"])).stdout == b"/srv/work\n"
 
 
-async def test_user_is_honoured(make_sandbox: MakeSandbox) -> None:
-    sb = await make_sandbox()
-    assert (await sb.exec(["id", "-u"])).stdout == b"0\n"
-    assert (await sb.exec(["id", "-u"], user="nobody")).stdout == b"65534\n"
-    assert (await sb.exec(["id", "-u"], user="65534")).stdout == b"65534\n"
-    r = await sb.exec(["id", "-u"], user="1234:1234")
-    assert r.stdout == b"1234\n"
+async def test_sandboxes_run_as_their_own_unprivileged_uid(make_sandbox: MakeSandbox) -> None:
+    one, two = await make_sandbox(), await make_sandbox()
+    uids = set()
+    for sb in (one, two):
+        r = await sb.exec(["sh", "-c", "id -u; id -g; echo $HOME; touch /tmp/t ./w && echo ok"])
+        uid, gid, home, ok = r.stdout.decode().split()
+        assert int(uid) >= 100_000 and uid == gid and ok == "ok", r
+        assert home == "/workspace" and sb.extra["user"] == f"{uid}:{gid}"
+        uids.add(uid)
+    assert len(uids) == 2  # one uid per sandbox, never shared
+    with pytest.raises(PermissionDenied, match="not allowed"):
+        await one.exec(["id"], user="nobody")
+    with pytest.raises(PermissionDenied, match="root"):
+        await one.exec(["id"], user="root")
+
+
+async def test_user_is_honoured_where_the_policy_allows_it(
+    spawn_daemon: Callable[..., Daemon],
+) -> None:
+    d = spawn_daemon(config='[policy]\nusers = ["nobody", "65534", "1234:1234"]\n'
+                            "allow_root = true\n")
+    async with SandboxClient(d.socket) as c:
+        sb = await c.create(ttl=60)
+        try:
+            assert (await sb.exec(["id", "-u"], user="nobody")).stdout == b"65534\n"
+            assert (await sb.exec(["id", "-u"], user="65534")).stdout == b"65534\n"
+            r = await sb.exec(["id", "-u"], user="1234:1234")
+            assert r.stdout == b"1234\n"
+            assert (await sb.exec(["id", "-u"], user="root")).stdout == b"0\n"
+            with pytest.raises(PermissionDenied):
+                await sb.exec(["id"], user="daemon")
+            rooted = await c.create(ttl=60, user="root")
+            try:
+                assert (await rooted.exec(["id", "-u"])).stdout == b"0\n"
+            finally:
+                await rooted.remove()
+        finally:
+            await sb.remove()
 
 
 # -- errors -------------------------------------------------------------------

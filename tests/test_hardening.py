@@ -190,13 +190,15 @@ async def test_policy_can_allow_a_network_and_capabilities(
     spawn_daemon: Callable[..., Daemon],
 ) -> None:
     d = spawn_daemon(
-        config='[policy]\nnetworks = ["none", "bridge"]\ncap_add = ["NET_BIND_SERVICE"]\n',
+        config='[policy]\nnetworks = ["none", "bridge"]\ncap_add = ["NET_BIND_SERVICE"]\n'
+               "allow_root = true\n",
         env={"SANDBOXD_INSTANCE": f"hardening-{os.getpid()}"},  # keep off the session's
     )
     async with SandboxClient(d.socket) as c:
         made: list[str] = []
         try:
-            sb = await c.create(ttl=60, cap_add=["NET_BIND_SERVICE"])
+            # A capability means something to root only: root is the policy's opt-in.
+            sb = await c.create(ttl=60, cap_add=["NET_BIND_SERVICE"], user="root")
             made.append(sb.id)
             hc = host_config(sb)
             assert hc["CapDrop"] == ["ALL"]

@@ -298,9 +298,12 @@ async def test_engine_unavailable_keeps_the_daemon_up(spawn_daemon: SpawnDaemon)
         assert await c.ping() == "pong"
 
 
-async def test_engine_refusal_is_engine_error(client: SandboxClient) -> None:
-    with pytest.raises(EngineError) as info:
-        await client.create(ttl=30, user="no-such-user")
+async def test_engine_refusal_is_engine_error(spawn_daemon: SpawnDaemon) -> None:
+    # The policy lets the user through; the engine (runc) finds no such user at start.
+    d = spawn_daemon(config='[policy]\nusers = ["no-such-user"]\n')
+    async with SandboxClient(d.socket) as client:
+        with pytest.raises(EngineError) as info:
+            await client.create(ttl=30, user="no-such-user")
     assert info.value.data and "no-such-user" in info.value.data["engine_message"]
 
 

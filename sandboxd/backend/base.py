@@ -45,6 +45,9 @@ class ContainerSpec:
     network: str
     readonly_rootfs: bool
     cap_add: tuple[str, ...] = ()
+    disk: int = 0  # bytes it may write in all; 0: no limit
+    runtime: str | None = None  # the engine's runtime (e.g. "runsc"); None: its default
+    workdir_owner: int | None = None  # a uid that must be able to write the workdir
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class ContainerInfo:
     pids: int
     network: str
     workdir: str
+    user: str = ""  # the user its processes run as ("" for the image's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +199,21 @@ class Backend(ABC):
     @abstractmethod
     async def stats(self, container_id: str) -> dict[str, Any]:
         """SPEC §3 ``sandbox.stats`` figures, fast (well under a second)."""
+
+    # -- disk ----------------------------------------------------------------
+
+    @abstractmethod
+    async def disk_enforcement(self) -> str:
+        """``"quota"`` when the engine's storage holds each container's ``disk`` itself,
+        ``"measured"`` when the services must measure (``disk_usage``) and act."""
+
+    @abstractmethod
+    async def disk_usage(self, container_id: str) -> int:
+        """Bytes the container has written (its writable layer and the engine's files)."""
+
+    @abstractmethod
+    def free_space(self) -> tuple[int, int] | None:
+        """(free, total) bytes where the engine keeps containers; None when not visible."""
 
     @abstractmethod
     async def main_process_alive(self, container_id: str) -> bool:

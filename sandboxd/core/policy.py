@@ -23,6 +23,7 @@ ID_RE = re.compile(r"^[0-9a-f]{12}$")
 LABEL_KEY_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_./-]{0,127}$")
 ENV_KEY_RE = re.compile(r"^[^=\0]{1,256}$")
 MIN_MEMORY = 6 * 1024 * 1024  # the engine refuses less
+MIN_DISK = 1024 * 1024
 FORBIDDEN_NETWORKS = ("host",)
 
 
@@ -43,8 +44,10 @@ class CreateSpec:
     labels: dict[str, str]
     network: str
     readonly_rootfs: bool
-    user: str | None
+    user: str | None  # None: the sandbox's own unprivileged uid
     cap_add: list[str] = field(default_factory=list)
+    disk: int = 0
+    runtime: str | None = None
 
 
 def image_allowed(image: str, patterns: list[str] | None) -> bool:
@@ -64,6 +67,38 @@ def check_name(name: str) -> str:
             {"argument": "name"},
         )
     return name
+
+
+ROOT_USERS = ("root", "0")
+USER_RE = re.compile(r"^[a-zA-Z0-9_.][a-zA-Z0-9_.-]{0,63}(:[a-zA-Z0-9_.][a-zA-Z0-9_.-]{0,63})?$")
+
+
+def is_root(user: str) -> bool:
+    return user.split(":", 1)[0] in ROOT_USERS
+
+
+def check_user(user: str, p: Policy, what: str = "user") -> str:
+    """A ``user`` a caller asked for (create or exec), allowed by the policy or refused.
+
+    Root (``root``, ``0``, with any group) needs ``allow_root``; any other user must be
+    listed in ``users`` (or be the policy's own ``user``).
+    """
+    if not USER_RE.match(user):
+        raise InvalidParams(
+            f"{what} {user!r} is not valid: use a name or uid, optionally ':group'.",
+            {"argument": what},
+        )
+    if is_root(user):
+        if not p.allow_root:
+            raise _deny(
+                "Running as root is not allowed by the policy (set allow_root to opt in).",
+                "allow_root",
+            )
+        return user
+    if user != p.user and user not in p.users:
+        allowed = ", ".join(p.users) or "none but the sandbox's own"
+        raise _deny(f"User {user!r} is not allowed by the policy; allowed: {allowed}.", "users")
+    return user
 
 
 def check_env(env: dict[str, str]) -> dict[str, str]:
@@ -159,6 +194,20 @@ def resolve_create(args: dict[str, Any], d: Defaults, p: Policy) -> CreateSpec:
         if user is not None and user != p.user:
             raise _deny(f"Sandboxes run as user {p.user!r} by policy.", "user")
         user = p.user
+    elif user is not None:
+        user = check_user(user, p)
+
+    disk = args.get("disk", _within(d.disk, p.max_disk))
+    if disk < MIN_DISK:
+        raise InvalidParams(f"disk must be at least 1m, got {disk} bytes.", {"argument": "disk"})
+    if p.max_disk is not None and disk > p.max_disk:
+        raise _deny(f"disk {disk} bytes is over the policy's maximum of {p.max_disk}.",
+                    "max_disk")
+
+    runtime = args.get("runtime")
+    if runtime is not None and runtime not in p.runtimes:
+        allowed = ", ".join(p.runtimes) or "only the default"
+        raise _deny(f"Runtime {runtime!r} is not allowed; allowed: {allowed}.", "runtimes")
 
     workdir = args.get("workdir", d.workdir)
     if not workdir.startswith("/"):
@@ -200,4 +249,6 @@ def resolve_create(args: dict[str, Any], d: Defaults, p: Policy) -> CreateSpec:
         readonly_rootfs=readonly,
         user=user,
         cap_add=cap_add,
+        disk=disk,
+        runtime=runtime,
     )

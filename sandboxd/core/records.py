@@ -23,6 +23,8 @@ LABEL_INSTANCE = "io.sandboxd.instance"
 LABEL_EXPIRES_AT = "io.sandboxd.expires_at"
 LABEL_IDLE_TIMEOUT = "io.sandboxd.idle_timeout"
 LABEL_USER_PREFIX = "io.sandboxd.label."
+LABEL_UID = "io.sandboxd.uid"  # the sandbox's own unprivileged uid
+LABEL_DISK = "io.sandboxd.disk"
 CONTAINER_PREFIX = "sandboxd-"
 
 
@@ -67,6 +69,16 @@ class SandboxRecord:
     idle_timeout: float | None = None
     last_activity_at: float = 0.0
     container_id: str | None = None
+    uid: int | None = None  # its own unprivileged uid (None: ``user`` was asked for)
+    user: str | None = None  # the user a caller asked for (root, or one the policy lists)
+    disk: int = 0
+
+    @property
+    def run_as(self) -> str:
+        """The user its processes run as by default, for the engine."""
+        if self.user is not None:
+            return self.user
+        return f"{self.uid}:{self.uid}" if self.uid is not None else "0:0"
 
     def container_labels(self, instance: str) -> dict[str, str]:
         labels = {
@@ -80,6 +92,10 @@ class SandboxRecord:
             labels[LABEL_EXPIRES_AT] = format_time(self.expires_at)
         if self.idle_timeout is not None:
             labels[LABEL_IDLE_TIMEOUT] = repr(self.idle_timeout)
+        if self.uid is not None:
+            labels[LABEL_UID] = str(self.uid)
+        if self.disk:
+            labels[LABEL_DISK] = str(self.disk)
         for key, value in self.labels.items():
             labels[LABEL_USER_PREFIX + key] = value
         return labels
@@ -96,7 +112,13 @@ class SandboxRecord:
             "idle_timeout": self.idle_timeout,
             "last_activity_at": format_time(self.last_activity_at),
             "labels": dict(self.labels),
-            "limits": {"memory_bytes": self.memory, "cpus": self.cpus, "pids": self.pids},
+            "limits": {
+                "memory_bytes": self.memory,
+                "cpus": self.cpus,
+                "pids": self.pids,
+                "disk_bytes": self.disk,
+            },
+            "user": self.run_as,
             "network": self.network,
             "workdir": self.workdir,
             "container_id": self.container_id,
@@ -114,6 +136,7 @@ def record_from_labels(
     pids: int,
     network: str,
     workdir: str,
+    user: str,
     now: float,
 ) -> SandboxRecord | None:
     """Rebuild a record from a container's labels (when no state row survived).
@@ -128,6 +151,8 @@ def record_from_labels(
         created = parse_time(labels[LABEL_CREATED_AT]) if LABEL_CREATED_AT in labels else now
         expires = parse_time(labels[LABEL_EXPIRES_AT]) if LABEL_EXPIRES_AT in labels else None
         idle = float(labels[LABEL_IDLE_TIMEOUT]) if LABEL_IDLE_TIMEOUT in labels else None
+        own_uid = int(labels[LABEL_UID]) if LABEL_UID in labels else None
+        disk = int(labels.get(LABEL_DISK, "0"))
     except ValueError:
         return None
     return SandboxRecord(
@@ -152,4 +177,7 @@ def record_from_labels(
         idle_timeout=idle,
         last_activity_at=now,
         container_id=container_id,
+        uid=own_uid,
+        user=None if own_uid is not None else (user or None),
+        disk=disk,
     )

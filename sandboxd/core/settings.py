@@ -28,6 +28,10 @@ class Defaults:
     # The sandbox's idle main process, run under Docker's init.
     command: list[str] = field(default_factory=lambda: ["sleep", "infinity"])
     nofile: int = 1024
+    disk: int = 1024 * MIB  # what a sandbox may write, all places together
+    # Each sandbox runs as its own unprivileged uid from this range (uid = gid).
+    uid_min: int = 100_000
+    uid_max: int = 165_535
 
 
 @dataclass
@@ -41,6 +45,10 @@ class Policy:
     networks: list[str] = field(default_factory=lambda: ["none"])
     cap_add: list[str] = field(default_factory=list)
     user: str | None = None  # when set, every sandbox runs as this user
+    users: list[str] = field(default_factory=list)  # other users a caller may ask for
+    allow_root: bool = False  # root inside a sandbox: an explicit opt-in
+    max_disk: int | None = None
+    runtimes: list[str] = field(default_factory=list)  # e.g. ["runsc"]; the default is runc
     readonly_rootfs: bool = False  # when true, every sandbox's rootfs is read-only
     max_env: int = 256
     max_labels: int = 64
@@ -52,3 +60,12 @@ class Quota:
     max_sandboxes: int | None = None
     max_memory: int | None = None
     max_execs: int = 64  # commands running at once, per uid
+
+
+@dataclass
+class DiskSettings:
+    """``[disk]``: how sandbox disk use is held and the host's free space guarded."""
+
+    enforcement: str = "auto"  # auto (the strongest the engine has), quota, measured
+    check_interval: float = 2.0  # seconds between two measurements of a sandbox
+    floor: int = 2048 * MIB  # below this free on the engine's data root: refuse, freeze

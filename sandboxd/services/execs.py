@@ -18,7 +18,7 @@ from typing import Any
 from sandboxd.backend.base import STDERR, Backend, Process, ProcessSpec
 from sandboxd.core import quotas, status
 from sandboxd.core.output import OutputCapture
-from sandboxd.core.policy import check_env
+from sandboxd.core.policy import check_env, check_user
 from sandboxd.core.records import Caller, SandboxRecord
 from sandboxd.core.settings import Defaults, Policy, Quota
 from sandboxd.services.deadlines import Deadlines
@@ -201,17 +201,22 @@ class ExecService:
         for runner in self._running.pop(record.id, ()):
             runner.abort(f"Sandbox '{record.name}' was removed while the command was running.")
 
-    def _request(self, args: dict[str, Any]) -> ExecRequest:
-        forced_user = self.policy.user
-        if forced_user is not None and args.get("user", forced_user) != forced_user:
-            raise PermissionDenied(
-                f"Commands run as user {forced_user!r} by policy.", {"policy": "user"}
-            )
+    def _user(self, record: SandboxRecord, asked: str | None) -> str:
+        """The user a command runs as: the sandbox's own, or one the policy allows."""
+        forced = self.policy.user
+        if forced is not None and asked not in (None, forced):
+            raise PermissionDenied(f"Commands run as user {forced!r} by policy.",
+                                   {"policy": "user"})
+        if asked is None or asked == record.run_as:
+            return record.run_as
+        return check_user(asked, self.policy)
+
+    def _request(self, record: SandboxRecord, args: dict[str, Any]) -> ExecRequest:
         return ExecRequest(
             cmd=args["cmd"],
             env=check_env(args.get("env", {})),
             workdir=args.get("workdir"),
-            user=args.get("user"),
+            user=self._user(record, args.get("user")),
             stdin=args.get("stdin"),
             timeout=args.get("timeout", self.defaults.exec_timeout),
             max_output=min(args.get("max_output", self.defaults.max_output),
@@ -221,7 +226,7 @@ class ExecService:
     async def exec(self, caller: Caller, ref: str, args: dict[str, Any]) -> dict[str, Any]:
         record = self.registry.lookup(caller, ref)
         status.check("exec", record.status, record.name)
-        request = self._request(args)
+        request = self._request(record, args)
         running_mine = self._by_uid.get(caller.uid, 0)
         quotas.check_execs(self.quota, running_mine)
         if record.container_id is None:

@@ -95,6 +95,7 @@ class Reconciler:
             pids=info.pids,
             network=info.network,
             workdir=info.workdir,
+            user=info.user,
             now=time.time(),
         )
         if record is None:

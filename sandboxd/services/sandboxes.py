@@ -23,9 +23,10 @@ from sandboxd.backend.base import Backend, ContainerSpec
 from sandboxd.core import quotas, status
 from sandboxd.core.policy import CreateSpec
 from sandboxd.core.records import Caller, SandboxRecord, container_name
-from sandboxd.core.settings import Policy, Quota
+from sandboxd.core.settings import Defaults, Policy, Quota
 from sandboxd.services.deadlines import Deadlines
 from sandboxd.services.registry import Registry
+from sandboxd.services.uids import UidPool
 from sandboxd.wire.errors import (
     Conflict,
     EngineUnavailable,
@@ -53,6 +54,7 @@ class SandboxService:
         registry: Registry,
         *,
         instance: str,
+        defaults: Defaults,
         policy: Policy,
         quota: Quota,
         publish: Publisher = _no_publish,
@@ -65,6 +67,8 @@ class SandboxService:
         self.quota = quota
         self.publish = publish
         self.deadlines = Deadlines(registry, self._on_deadline)
+        self.uids = UidPool(defaults.uid_min, defaults.uid_max)
+        self.admission: list[Callable[[], None]] = []  # checks run before any create
 
     # -- start-up ------------------------------------------------------------
 
@@ -74,12 +78,16 @@ class SandboxService:
         for record in records:
             self.registry.register(record)
             self.deadlines.rearm(record)
+            if record.uid is not None:
+                self.uids.take(record.uid)
         return len(records)
 
     # -- lifecycle -----------------------------------------------------------
 
     async def create(self, caller: Caller, spec: CreateSpec) -> SandboxRecord:
         quotas.check_create(self.quota, self.registry.owned_by(caller.uid), spec.memory)
+        for check in self.admission:
+            check()
         sid = self.registry.new_id()
         now = time.time()
         record = SandboxRecord(
@@ -98,9 +106,17 @@ class SandboxService:
             expires_at=(now + spec.ttl) if spec.ttl else None,
             idle_timeout=spec.idle_timeout,
             last_activity_at=now,
+            user=spec.user,
+            disk=spec.disk,
         )
         # Reserve the id and name before the first await: concurrent creates see them.
         self.registry.reserve(record)
+        if spec.user is None:
+            try:
+                record.uid = self.uids.allocate()
+            except SandboxdError:
+                self.registry.forget(record)
+                raise
         async with self.registry.lock(sid):
             try:
                 await self.store.put(record)  # a crash from here on is found at start-up
@@ -123,20 +139,26 @@ class SandboxService:
         return record
 
     def _container_spec(self, record: SandboxRecord, spec: CreateSpec) -> ContainerSpec:
+        env = dict(spec.env)
+        if record.uid is not None:
+            env.setdefault("HOME", spec.workdir)  # its uid has no entry in /etc/passwd
         return ContainerSpec(
             name=container_name(record.id),
             image=spec.image,
             labels=record.container_labels(self.instance),
             hostname=f"sandbox-{record.id[:8]}",
-            env=dict(spec.env),
+            env=env,
             workdir=spec.workdir,
-            user=spec.user,
+            user=record.run_as,
             memory=spec.memory,
             cpus=spec.cpus,
             pids=spec.pids,
             network=spec.network,
             readonly_rootfs=spec.readonly_rootfs,
             cap_add=tuple(spec.cap_add),
+            disk=spec.disk,
+            runtime=spec.runtime,
+            workdir_owner=record.uid,
         )
 
     async def _create_container(self, record: SandboxRecord, spec: CreateSpec) -> str:
@@ -175,28 +197,36 @@ class SandboxService:
     def _forget(self, record: SandboxRecord) -> None:
         self.registry.forget(record)
         self.deadlines.disarm(record.id)
+        self.uids.release(record.uid)
         if record.container_id is not None:
             self.backend.forget(record.container_id)
 
     async def pause(self, caller: Caller, ref: str) -> SandboxRecord:
         record = self.registry.lookup(caller, ref)
-        async with self.registry.lock(record.id):
-            status.check("pause", record.status, record.name)
-            await self.backend.pause(self._cid(record))
-            await self.registry.set_status(record, status.after("pause"))
-        self.publish("sandbox.paused", record, {})
+        await self.freeze(record, {})
         return record
 
     async def resume(self, caller: Caller, ref: str) -> SandboxRecord:
         record = self.registry.lookup(caller, ref)
+        await self.thaw(record, {})
+        return record
+
+    async def freeze(self, record: SandboxRecord, data: dict[str, Any]) -> None:
+        """Pause the sandbox (for its caller, or for the daemon with ``data.cause``)."""
+        async with self.registry.lock(record.id):
+            status.check("pause", record.status, record.name)
+            await self.backend.pause(self._cid(record))
+            await self.registry.set_status(record, status.after("pause"))
+        self.publish("sandbox.paused", record, data)
+
+    async def thaw(self, record: SandboxRecord, data: dict[str, Any]) -> None:
         async with self.registry.lock(record.id):
             status.check("resume", record.status, record.name)
             await self.backend.resume(self._cid(record))
             record.last_activity_at = time.time()
             await self.registry.set_status(record, status.after("resume"))
             self.deadlines.rearm(record)
-        self.publish("sandbox.resumed", record, {})
-        return record
+        self.publish("sandbox.resumed", record, data)
 
     async def extend(self, caller: Caller, ref: str, ttl: float) -> SandboxRecord:
         record = self.registry.lookup(caller, ref)
@@ -291,6 +321,8 @@ class SandboxService:
     async def adopt(self, record: SandboxRecord, create_grace: float) -> None:
         """Take in a sandbox found on the engine with no record of ours."""
         self.registry.register(record)
+        if record.uid is not None:
+            self.uids.take(record.uid)
         await self.store.put(record)
         if record.status == status.CREATING:  # created, never started: a create cut short
             self.deadlines.at(record.id, record.created_at + create_grace)

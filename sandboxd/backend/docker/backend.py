@@ -9,8 +9,13 @@ cgroup files. It must not know about owners, policy, deadlines or the wire.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import tarfile
 from collections.abc import AsyncIterator
 from typing import Any
+
+import structlog
 
 from sandboxd.backend.base import (
     Backend,
@@ -21,14 +26,33 @@ from sandboxd.backend.base import (
     Process,
     ProcessSpec,
 )
+from sandboxd.backend.docker import disk
 from sandboxd.backend.docker.containerspec import container_config
 from sandboxd.backend.docker.engine import Engine
 from sandboxd.backend.docker.processes import DockerProcess
 from sandboxd.backend.docker.proctree import process_alive
 from sandboxd.backend.docker.stats import StatsReader
+from sandboxd.wire.errors import EngineError
 from sandboxd.wire.units import parse_time
 
 FOLLOWED_ACTIONS = ["pause", "unpause", "die", "oom", "destroy", "start"]
+
+log = structlog.get_logger("sandboxd.backend.docker")
+
+
+def _directory_tar(path: str, owner: int) -> bytes:
+    """A tar of ``path``'s directories, the last one owned by ``owner`` (mode 0755)."""
+    buf = io.BytesIO()
+    parts = [p for p in path.strip("/").split("/") if p]
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for depth in range(1, len(parts) + 1):
+            entry = tarfile.TarInfo("/".join(parts[:depth]))
+            entry.type = tarfile.DIRTYPE
+            entry.mode = 0o755
+            if depth == len(parts):
+                entry.uid = entry.gid = owner
+            tar.addfile(entry)
+    return buf.getvalue()
 
 
 def _started_at(state: dict[str, Any]) -> float | None:
@@ -61,6 +85,7 @@ def container_info(data: dict[str, Any]) -> ContainerInfo:
         pids=int(host.get("PidsLimit") or 0),
         network=str(host.get("NetworkMode") or "none"),
         workdir=str(config.get("WorkingDir") or "/"),
+        user=str(config.get("User") or ""),
     )
 
 
@@ -68,12 +93,23 @@ class DockerBackend(Backend):
     name = "docker"
 
     def __init__(
-        self, url: str | None, *, command: list[str], nofile: int, concurrency: int = 32
+        self,
+        url: str | None,
+        *,
+        command: list[str],
+        nofile: int,
+        concurrency: int = 32,
+        disk_enforcement: str = "auto",
     ) -> None:
         self.engine = Engine(url, concurrency=concurrency)
         self._command = list(command)
         self._nofile = nofile
         self._stats = StatsReader(self.engine)
+        self._disk_setting = disk_enforcement  # auto, quota or measured
+        self._disk_mode: str | None = None if disk_enforcement == "auto" else disk_enforcement
+        self._data_root: str | None = None
+        self._layouts: dict[str, disk.Layout] = {}
+        self._workdir_ok: dict[tuple[str, str], bool] = {}  # (image, workdir): writable by all
 
     async def version(self) -> dict[str, Any]:
         version = await self.engine.version()
@@ -85,8 +121,38 @@ class DockerBackend(Backend):
     # -- containers ----------------------------------------------------------
 
     async def create(self, spec: ContainerSpec) -> str:
-        body = container_config(spec, command=self._command, nofile=self._nofile)
-        return await self.engine.create_container(spec.name, body)
+        quota = await self.disk_enforcement() == disk.QUOTA
+        body = container_config(spec, command=self._command, nofile=self._nofile,
+                                disk_quota=quota)
+        try:
+            cid = await self.engine.create_container(spec.name, body)
+        except EngineError as exc:
+            if not (quota and disk.REFUSAL in exc.message and self._disk_setting == "auto"):
+                raise
+            # The storage has no quota after all (overlay2 on xfs without pquota).
+            log.warning("disk_quota_unavailable", engine_message=exc.message)
+            self._disk_mode = disk.MEASURED
+            return await self.create(spec)
+        if spec.workdir_owner is not None and not spec.readonly_rootfs:
+            await self._own_workdir(cid, spec)
+        return cid
+
+    async def _own_workdir(self, cid: str, spec: ContainerSpec) -> None:
+        """Make the workdir writable for a non-root sandbox where the image does not.
+
+        Most images leave it to root (or do not have it: the engine then makes it,
+        root's, at start); a directory entry owned by the sandbox's uid is copied in
+        before the start. Asked once per image and workdir.
+        """
+        key = (spec.image, spec.workdir)
+        if key not in self._workdir_ok:
+            mode = await self.engine.path_mode(cid, spec.workdir)
+            self._workdir_ok[key] = mode is not None and bool(mode & 0o002)
+        if self._workdir_ok[key]:
+            return
+        owner = spec.workdir_owner
+        assert owner is not None
+        await self.engine.put_archive(cid, "/", _directory_tar(spec.workdir, owner))
 
     async def start(self, container_id: str) -> None:
         await self.engine.start(container_id)
@@ -98,7 +164,7 @@ class DockerBackend(Backend):
         await self.engine.unpause(container_id)
 
     async def remove(self, container_id: str) -> bool:
-        self._stats.forget(container_id)
+        self.forget(container_id)
         return await self.engine.remove(container_id)
 
     async def inspect(self, container_id: str) -> ContainerInfo:
@@ -138,12 +204,35 @@ class DockerBackend(Backend):
     async def stats(self, container_id: str) -> dict[str, Any]:
         return await self._stats.stats(container_id)
 
+    # -- disk ----------------------------------------------------------------
+
+    async def _engine_info(self) -> dict[str, Any]:
+        info = await self.engine.info()
+        self._data_root = str(info.get("DockerRootDir") or "") or None
+        return info
+
+    async def disk_enforcement(self) -> str:
+        if self._disk_mode is None:
+            self._disk_mode = disk.enforcement_from_info(await self._engine_info())
+        return self._disk_mode
+
+    async def disk_usage(self, container_id: str) -> int:
+        layout = self._layouts.get(container_id)
+        if layout is None:
+            layout = disk.layout_from_inspect(await self.engine.inspect(container_id))
+            self._layouts[container_id] = layout
+        return await asyncio.to_thread(disk.usage, layout)
+
+    def free_space(self) -> tuple[int, int] | None:
+        return disk.free_space(self._data_root) if self._data_root else None
+
     async def main_process_alive(self, container_id: str) -> bool:
         info = await self.inspect(container_id)
         return info.pid > 0 and process_alive(info.pid)
 
     def forget(self, container_id: str) -> None:
         self._stats.forget(container_id)
+        self._layouts.pop(container_id, None)
 
 
 

@@ -14,7 +14,14 @@ from typing import Any
 from sandboxd.backend.base import ContainerSpec
 
 
-def container_config(spec: ContainerSpec, *, command: list[str], nofile: int) -> dict[str, Any]:
+def container_config(
+    spec: ContainerSpec, *, command: list[str], nofile: int, disk_quota: bool
+) -> dict[str, Any]:
+    """The create body; ``disk_quota`` when the engine's storage holds ``spec.disk`` itself."""
+    ulimits = [{"Name": "nofile", "Soft": nofile, "Hard": nofile}]
+    if spec.disk:
+        # No one file may outgrow the whole limit, whatever else holds it.
+        ulimits.append({"Name": "fsize", "Soft": spec.disk, "Hard": spec.disk})
     host: dict[str, Any] = {
         "NetworkMode": spec.network,
         "CapDrop": ["ALL"],
@@ -26,7 +33,7 @@ def container_config(spec: ContainerSpec, *, command: list[str], nofile: int) ->
         "MemorySwap": spec.memory,  # equal to Memory: no swap
         "NanoCpus": int(spec.cpus * 1e9),
         "Init": True,
-        "Ulimits": [{"Name": "nofile", "Soft": nofile, "Hard": nofile}],
+        "Ulimits": ulimits,
         "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
         "LogConfig": {"Type": "none", "Config": {}},
         "ReadonlyRootfs": spec.readonly_rootfs,
@@ -39,10 +46,16 @@ def container_config(spec: ContainerSpec, *, command: list[str], nofile: int) ->
         "UsernsMode": "",
         "OomKillDisable": False,
     }
+    if spec.disk and disk_quota:
+        host["StorageOpt"] = {"size": str(spec.disk)}
+    if spec.runtime:
+        host["Runtime"] = spec.runtime
     if spec.readonly_rootfs:
+        owner = spec.workdir_owner
+        mine = f",uid={owner},gid={owner},mode=0755" if owner is not None else ""
         host["Tmpfs"] = {
-            "/tmp": "rw,nosuid,nodev,size=64m",
-            spec.workdir: "rw,nosuid,nodev,size=256m",
+            "/tmp": "rw,nosuid,nodev,size=64m,mode=1777",
+            spec.workdir: f"rw,nosuid,nodev,size=256m{mine}",
         }
     body: dict[str, Any] = {
         "Image": spec.image,

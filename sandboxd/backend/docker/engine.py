@@ -13,6 +13,7 @@ or the wire protocol.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -186,6 +187,11 @@ class Engine:
             result: dict[str, Any] = await self.docker.version()
             return result
 
+    async def info(self) -> dict[str, Any]:
+        with translate("report its configuration"):
+            result = await self.docker.system.info()
+            return dict(result)
+
     # containers -------------------------------------------------------
     async def create_container(self, name: str, config: dict[str, Any]) -> str:
         with translate("create a container"):
@@ -228,6 +234,28 @@ class Engine:
                 params={"all": "true", "filters": json.dumps({"label": [label]})},
             )
             return result
+
+    async def path_mode(self, cid: str, path: str) -> int | None:
+        """The mode bits of ``path`` in the container's filesystem, None when absent."""
+        # Raw: aiodocker has no HEAD on the archive endpoint, only get_archive (which
+        # would download the whole directory).
+        try:
+            with translate("look at a path in the container"):
+                async with self.docker._query(
+                    f"containers/{cid}/archive", method="HEAD", params={"path": path}
+                ) as response:
+                    header = response.headers.get("X-Docker-Container-Path-Stat", "")
+        except NotFound:
+            return None
+        try:
+            return int(json.loads(base64.b64decode(header))["mode"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def put_archive(self, cid: str, path: str, data: bytes) -> None:
+        with translate("copy into the container"):
+            container = self.docker.containers.container(cid)
+            await container.put_archive(path, data)  # type: ignore[no-untyped-call]
 
     async def stats_once(self, cid: str) -> dict[str, Any]:
         """One stats sample without Docker's 1-2 s CPU sampling wait."""

@@ -17,9 +17,12 @@ from sandboxd.wire.version import API_VERSION, __version__
 
 
 def build_daemon_methods(
-    registry: Registry, engine_info: Callable[[], Awaitable[dict[str, Any]]]
+    registry: Registry,
+    engine_info: Callable[[], Awaitable[dict[str, Any]]],
+    disk_info: Callable[[], dict[str, Any]],
 ) -> list[Method]:
-    """``engine_info()`` reports the engine (``services.health.engine_info`` bound to it)."""
+    """``engine_info()`` reports the engine (``services.health.engine_info`` bound to it),
+    ``disk_info()`` how disk is held (``services.diskguard``)."""
     started_at = time.monotonic()
 
     def ping(ctx: CallContext, args: dict[str, Any]) -> str:
@@ -33,6 +36,7 @@ def build_daemon_methods(
             "sandboxes": len(registry.list(ctx.caller, None, None)),
             "uptime": round(time.monotonic() - started_at, 3),
             "pool": {},
+            "disk": disk_info(),
             "caller": ctx.caller.to_wire(),
         }
 

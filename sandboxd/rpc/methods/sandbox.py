@@ -69,6 +69,8 @@ def build_sandbox_methods(
         "network": p.Field(p.string(256)),
         "readonly_rootfs": p.Field(p.boolean()),
         "user": p.Field(p.string(256)),
+        "disk": size,
+        "runtime": p.Field(p.string(64)),
         # Asked for only to be refused with the reason (SPEC §4).
         "privileged": p.Field(p.boolean()),
         "cap_add": p.Field(p.string_list(64, 64)),
