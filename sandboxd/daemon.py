@@ -310,6 +310,7 @@ async def shutdown(
         # Past the grace on purpose: each removal is bounded by the engine's call timeout,
         # and systemd is asked for more time before each one.
         await step("cleanup_on_exit", d.sandboxes.remove_all(progress), bounded=False)
+    await step("reaper", d.execs.reaper.finish(within=min(2.0, left())))
     await step("scheduler", d.sandboxes.deadlines.stop())
     await step("disk_guard", d.disk_guard.stop())
     await step("engine_watch", d.watcher.stop())

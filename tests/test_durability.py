@@ -35,6 +35,8 @@ from conftest import Daemon, docker, raw_call
 from private_dockerd import PrivateDockerd, private_dockerd
 from sandboxd_client import (
     ConnectionLost,
+    DeadlineExceeded,
+    EngineError,
     EngineUnavailable,
     NotFound,
     SandboxClient,
@@ -545,5 +547,69 @@ async def test_shutdown_is_bounded_by_the_grace_even_when_the_engine_hangs(
         assert code in (0, 1)
         stopped = [e for e in d.log_events() if e.get("event") == "daemon_stopped"]
         assert stopped, "the daemon did not finish its ordered shutdown"
+    finally:
+        remove_instance_containers(d.instance, pd.docker)
+
+
+async def test_an_exec_timeout_is_kept_while_the_engine_hangs(
+    spawn_daemon: SpawnDaemon, engine_box: PrivateDockerd,
+) -> None:
+    """The engine stops answering: the caller still gets ``timeout`` on the daemon's own
+    clock, and the command is killed once the engine is back."""
+    pd = engine_box
+    pd.start()
+    d = spawn_daemon(env={"DOCKER_HOST": pd.host})
+    engine_pid = int(pd.pidfile.read_text())
+    try:
+        async with SandboxClient(d.socket) as c:
+            sb = await c.create(ttl=300, memory="32m")
+            os.kill(engine_pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(DeadlineExceeded):
+                    await c.exec(sb.id, ["sleep", "300"], timeout=3)
+                took = time.monotonic() - started
+            finally:
+                os.kill(engine_pid, signal.SIGCONT)
+            assert took < 3 + 1.5, f"answered after {took:.1f} s"
+            # Started late, once the engine woke up, or never: either way it must not run.
+
+            async def no_sleep() -> bool:
+                return "sleep 300" not in pd.docker("top", sb.container_id or "", check=False)
+
+            await eventually(no_sleep, 15, "the command killed once the engine answered")
+            await c.remove(sb.id)
+    finally:
+        remove_instance_containers(d.instance, pd.docker)
+
+
+async def test_an_exec_whose_caller_got_an_error_is_killed(
+    spawn_daemon: SpawnDaemon, engine_box: PrivateDockerd,
+) -> None:
+    """The engine restarts (live-restore keeps the sandbox) under a running command: its
+    caller gets an error, and the command does not run on to be started twice."""
+    pd = engine_box
+    pd.start()
+    d = spawn_daemon(env={"DOCKER_HOST": pd.host})
+    try:
+        async with SandboxClient(d.socket) as c:
+            sb = await c.create(ttl=300, memory="32m")
+            call = asyncio.create_task(c.exec(sb.id, ["sleep", "301"]))
+
+            async def running() -> bool:
+                return "sleep 301" in pd.docker("top", sb.container_id or "", check=False)
+
+            await eventually(running, 10, "the command running")
+            await asyncio.to_thread(pd.stop)
+            with pytest.raises((EngineUnavailable, EngineError)):
+                await call
+            await asyncio.to_thread(pd.start)
+
+            async def gone() -> bool:
+                out = pd.docker("top", sb.container_id or "", check=False)
+                return bool(out) and "sleep 301" not in out
+
+            await eventually(gone, 20, "the command killed once the engine was back")
+            await c.remove(sb.id)
     finally:
         remove_instance_containers(d.instance, pd.docker)

@@ -22,11 +22,19 @@ from sandboxd.core.policy import check_env, check_user
 from sandboxd.core.records import Caller, SandboxRecord
 from sandboxd.core.settings import Defaults, Policy, Quota
 from sandboxd.services.deadlines import Deadlines
+from sandboxd.services.reaper import Reaper
 from sandboxd.services.registry import Registry
 from sandboxd.services.sandboxes import Publisher
-from sandboxd.wire.errors import Conflict, InternalError, PermissionDenied, SandboxdError
+from sandboxd.wire.errors import (
+    Conflict,
+    DeadlineExceeded,
+    InternalError,
+    PermissionDenied,
+    SandboxdError,
+)
 
 DRAIN_AFTER_KILL = 5.0
+KILL_GRACE = 2.0  # past its timeout, how long a command's kill and last output may take
 OUTPUT_AFTER_EXIT = 0.5  # once the process is gone, how long its last output may take
 EVENT_CMD_BYTES = 512  # an event carries at most this much of a command line
 
@@ -58,8 +66,10 @@ class ExecRequest:
 class BufferedExec:
     """One run of ``sandbox.exec``: start to exit code, output captured."""
 
-    def __init__(self, backend: Backend, container_id: str, request: ExecRequest) -> None:
+    def __init__(self, backend: Backend, container_id: str, request: ExecRequest,
+                 reaper: Reaper) -> None:
         self.backend = backend
+        self.reaper = reaper
         self.container_id = container_id
         self.request = request
         self.stdout = OutputCapture(request.max_output)
@@ -120,23 +130,40 @@ class BufferedExec:
             pass  # the process exited or closed its stdin: the rest of the input is moot
 
     async def run(self) -> dict[str, Any]:
+        """Run to the exit code. With a timeout the caller is answered on the daemon's own
+        clock: if the engine does not answer in time, ``timeout`` is raised on time and
+        the kill follows (through the reaper) when the engine does. A process whose run
+        fails or is cancelled is killed, never left running."""
+        req = self.request
+        starting = asyncio.ensure_future(self.backend.exec(
+            self.container_id,
+            ProcessSpec(cmd=req.cmd, env=req.env, workdir=req.workdir, user=req.user,
+                        stdin=req.stdin is not None),
+        ))
+        loop = asyncio.get_running_loop()
+        deadline = None if req.timeout is None else loop.time() + req.timeout
+        process: Process | None = None
         try:
-            return await self._run()
-        except SandboxdError:
+            async with asyncio.timeout_at(deadline):  # started within the timeout, at least
+                process = await asyncio.shield(starting)
+            async with asyncio.timeout_at(None if deadline is None else deadline + KILL_GRACE):
+                return await self._supervise(process)
+        except TimeoutError:
+            self.reaper.kill(process or starting, "the engine did not answer in time")
+            raise DeadlineExceeded(
+                f"The command's timeout of {req.timeout:g} s passed and the engine did not "
+                "answer in time; the command is killed as soon as it does.",
+                {"timeout": req.timeout},
+            ) from None
+        except (SandboxdError, asyncio.CancelledError):
+            self.reaper.kill(process or starting, "its caller got an error or went away")
             if self.aborted:
                 raise Conflict(self.aborted, {"status": "removed"}) from None
             raise
 
-    async def _run(self) -> dict[str, Any]:
+    async def _supervise(self, process: Process) -> dict[str, Any]:
         req = self.request
         started = time.monotonic()
-        process = await self.backend.exec(
-            self.container_id,
-            ProcessSpec(
-                cmd=req.cmd, env=req.env, workdir=req.workdir, user=req.user,
-                stdin=req.stdin is not None,
-            ),
-        )
         timed_out = False
         feeder: asyncio.Task[None] | None = None
         pump = asyncio.create_task(self._pump(process))
@@ -152,10 +179,6 @@ class BufferedExec:
                 timed_out = True
                 await process.kill_tree()
                 outcome = await self._until(pump, DRAIN_AFTER_KILL)
-        except asyncio.CancelledError:
-            # The caller went away or the daemon is stopping: leave nothing running.
-            await asyncio.shield(process.kill_tree())
-            raise
         finally:
             for task in (pump, feeder, watcher):
                 if task is not None and not task.done():
@@ -193,6 +216,7 @@ class ExecService:
         self.policy = policy
         self.quota = quota
         self.publish = publish
+        self.reaper = Reaper()
         self._running: dict[str, set[BufferedExec]] = {}  # sandbox id -> its running execs
         self._by_uid: dict[int, int] = {}
         registry.on_forget.append(self._sandbox_gone)
@@ -231,7 +255,7 @@ class ExecService:
         quotas.check_execs(self.quota, running_mine)
         if record.container_id is None:
             raise InternalError("sandbox has no container id")
-        runner = BufferedExec(self.backend, record.container_id, request)
+        runner = BufferedExec(self.backend, record.container_id, request, self.reaper)
         self._by_uid[caller.uid] = running_mine + 1
         running = self._running.setdefault(record.id, set())
         running.add(runner)

@@ -21,7 +21,7 @@ from sandboxd.backend.docker.demux import STDERR as DEMUX_STDERR
 from sandboxd.backend.docker.demux import Demuxer
 from sandboxd.backend.docker.engine import Engine, RawStream
 from sandboxd.backend.docker.proctree import MARKER_VAR, kill_exec_tree
-from sandboxd.wire.errors import DeadlineExceeded
+from sandboxd.wire.errors import DeadlineExceeded, NotFound
 
 log = structlog.get_logger("sandboxd.backend.docker")
 
@@ -111,10 +111,12 @@ class DockerProcess(Process):
             attempt += 1
 
     async def kill_tree(self) -> int:
-        exec_info = await self._engine.exec_inspect(self._exec_id)
+        try:
+            exec_pid = int((await self._engine.exec_inspect(self._exec_id)).get("Pid") or 0)
+        except NotFound:
+            exec_pid = 0  # the engine restarted and forgot its execs: the marker still finds it
         container = await self._engine.inspect(self._container_id)
         container_pid = int((container.get("State") or {}).get("Pid") or 0)
-        exec_pid = int(exec_info.get("Pid") or 0)
         if container_pid <= 0:
             return 0  # the container is gone: so is everything in it
         killed = await asyncio.to_thread(kill_exec_tree, exec_pid, container_pid, self._marker)
