@@ -14,6 +14,7 @@ or the wire protocol.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -74,9 +75,9 @@ def translate(what: str) -> Iterator[None]:
         ) from None
     except (aiohttp.ClientConnectionError, ConnectionError, FileNotFoundError) as exc:
         raise _unavailable(what, exc) from None
-    except aiohttp.ClientError as exc:
-        # Anything else aiohttp reports (a malformed reply, a cut-off payload): the
-        # engine answered, but not with something usable.
+    except (aiohttp.ClientError, json.JSONDecodeError) as exc:
+        # Anything else aiohttp reports (a malformed reply, a cut-off payload), or a body
+        # that is not the JSON it should be: the engine answered, but not usably.
         raise EngineError(
             f"The Docker Engine's answer could not be read while trying to {what} "
             f"({type(exc).__name__}).",
@@ -102,7 +103,12 @@ class RawStream:
 
     async def write(self, data: bytes) -> None:
         with translate("write a process's input"):
-            await self._stream.write_in(data)
+            try:
+                await self._stream.write_in(data)
+            except (AssertionError, RuntimeError) as exc:  # aiodocker: the stream is closed
+                raise EngineUnavailable(
+                    "The process's input stream is closed.", {"engine_message": _text(exc)}
+                ) from None
 
     def close_stdin(self) -> None:
         """Half-close: the process sees end-of-file on its stdin."""
@@ -176,9 +182,13 @@ class Engine:
     async def close(self) -> None:
         for client in (self._calls, self._streams):
             if client is not None:
-                await client.close()
+                # aiodocker re-raises what its session saw last (a dead engine's cut-off
+                # reply, say) from close(): closing must still complete.
+                with contextlib.suppress(Exception):
+                    await client.close()
         for connector in self._connectors:
-            await connector.close()
+            with contextlib.suppress(Exception):
+                await connector.close()
         self._calls = self._streams = None
         self._connectors = []
 
