@@ -1,10 +1,17 @@
 """sandboxd_client: the Python client library and the ``sandboxctl`` CLI for sandboxd.
 
 This package root owns the public names: the asyncio ``SandboxClient``, the
-blocking ``Client``, the data models, and the error classes re-exported from
-``sandboxd.wire.errors`` (so ``except sandboxd_client.NotFound`` works). It must
-not import aiodocker or any part of the daemon: from ``sandboxd`` only
-``sandboxd.wire.codec``, ``sandboxd.wire.errors`` and the package root are allowed.
+blocking ``Client``, their sandbox handles and event streams, the data
+models, and the error classes re-exported from ``sandboxd.wire.errors`` (so
+``except sandboxd_client.NotFound`` works). It must not define anything
+itself, nor import aiodocker or any part of the daemon: from ``sandboxd``
+only ``sandboxd.wire`` is allowed.
+
+Layout: ``connection`` (the only socket I/O: ``AsyncConnection`` and
+``BlockingConnection``) on ``protocol`` (sans-IO routing) and ``channels``
+(notification queues); the typed API written once in ``_async`` and
+generated into ``_sync`` by ``scripts/unasync.py``; ``models``, ``paths``,
+``exceptions``; ``cli`` (``sandboxctl``).
 
     async with SandboxClient() as c:
         sb = await c.create(ttl=60)
@@ -32,16 +39,14 @@ from sandboxd.wire.errors import (
     TooLarge,
 )
 
-from .aio import NotificationHandler, SandboxClient
-from .aio import Sandbox as AsyncSandbox
-from .blocking import Client
-from .blocking import Sandbox as BlockingSandbox
-from .events import Event, EventStream
+from ._async import AsyncClient, AsyncEventStream, AsyncSandbox
+from ._sync import BlockingEventStream, BlockingSandbox, Client
 from .exceptions import ConnectFailed, UnexpectedReply
 from .models import (
     CallerInfo,
     DaemonInfo,
     EngineInfo,
+    Event,
     ExecResult,
     Limits,
     Owner,
@@ -50,9 +55,18 @@ from .models import (
     parse_time,
 )
 from .paths import default_socket_path
+from .protocol import NotificationHandler
+
+SandboxClient = AsyncClient
+"""The asyncio client (``AsyncClient``): ``async with SandboxClient() as c: ...``."""
+EventStream = AsyncEventStream
+"""The asyncio event stream that ``SandboxClient.events()`` returns."""
 
 __all__ = [
+    "AsyncClient",
+    "AsyncEventStream",
     "AsyncSandbox",
+    "BlockingEventStream",
     "BlockingSandbox",
     "CallerInfo",
     "Client",

@@ -3,19 +3,20 @@
 This module owns argument parsing, human and JSON rendering, and the CLI's
 error contract: a failure prints exactly one line on stderr,
 ``sandboxctl: <code>: <message>``, and exits 1 (usage errors exit 2, as
-click does); never a traceback. It talks to the daemon only through
-``aio.SandboxClient``; it must not speak the wire protocol itself, nor import
-aiodocker or the daemon.
+click does); never a traceback. ``--socket`` and ``--json`` are accepted both
+before the command name and after it; the command's own value wins. It talks
+to the daemon only through the blocking ``Client``; it must not speak the
+wire protocol itself, nor import aiodocker or the daemon.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -24,11 +25,11 @@ import click
 from sandboxd.wire.errors import ConnectionLost, NotFound, SandboxdError
 from sandboxd.wire.version import __version__
 
-from .aio import SandboxClient
-from .events import Event
-from .models import DaemonInfo, ExecResult, Sandbox, Stats, parse_time
+from ._sync.client import Client
+from .models import DaemonInfo, Event, ExecResult, Sandbox, Stats, parse_time
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 PROG = "sandboxctl"
 
@@ -54,20 +55,50 @@ def _error_line(err: SandboxdError) -> str:
     return f"{err.code}: {message}"
 
 
-def _socket(ctx: click.Context) -> str | None:
-    obj = ctx.find_root().obj
-    return obj.get("socket") if isinstance(obj, dict) else None
+@dataclass
+class Settings:
+    """The options every command takes, before or after its name: ``--socket``, ``--json``."""
+
+    socket: str | None = None
+    json: bool = False
 
 
-def run(ctx: click.Context, action: Callable[[SandboxClient], Awaitable[T]]) -> T:
+def settings(ctx: click.Context) -> Settings:
+    """This invocation's settings (the group's, overridden by the command's own options)."""
+    found = ctx.find_object(Settings)
+    return found if found is not None else ctx.ensure_object(Settings)
+
+
+def _set_socket(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        settings(ctx).socket = value
+
+
+def _set_json(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:
+    if value is not None:
+        settings(ctx).json = value
+
+
+def common_options(json_help: str = "Print JSON instead of text.") -> Callable[[F], F]:
+    """``--socket PATH`` and ``--json/--no-json`` on a command (they win over the group's)."""
+
+    def decorate(f: F) -> F:
+        f = click.option("--json/--no-json", "as_json", default=None, expose_value=False,
+                         callback=_set_json, help=json_help)(f)
+        f = click.option("--socket", "socket_path", metavar="PATH", expose_value=False,
+                         callback=_set_socket,
+                         help="The daemon's socket (wins over one given before the command).",
+                         )(f)
+        return f
+
+    return decorate
+
+
+def run(ctx: click.Context, action: Callable[[Client], T]) -> T:
     """Connect, run ``action(client)``, close; turn every failure into one stderr line."""
-
-    async def main() -> T:
-        async with SandboxClient(_socket(ctx)) as client:
-            return await action(client)
-
     try:
-        return asyncio.run(main())
+        with Client(settings(ctx).socket) as client:
+            return action(client)
     except SandboxdError as err:
         raise Failed(_error_line(err)) from None
     except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -209,8 +240,8 @@ def _sandbox_listing(sb: Sandbox) -> str:
     return listing(pairs)
 
 
-def _print_sandbox(sb: Sandbox, as_json: bool) -> None:
-    if as_json:
+def _print_sandbox(ctx: click.Context, sb: Sandbox) -> None:
+    if settings(ctx).json:
         emit_json(sb.to_dict())
     else:
         click.echo(sb.id)
@@ -226,9 +257,6 @@ def exec_json(result: ExecResult) -> dict[str, Any]:
     return out
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-
-
 # -- commands ----------------------------------------------------------------
 
 
@@ -241,36 +269,39 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
     help="The daemon's socket [env SANDBOXD_SOCKET; default /run/sandboxd/sandboxd.sock "
     "as root, else $XDG_RUNTIME_DIR/sandboxd.sock].",
 )
+@click.option("--json/--no-json", "as_json", default=False,
+              help="Print JSON instead of text, for any command.")
 @click.version_option(__version__, prog_name=PROG)
 @click.pass_context
-def cli(ctx: click.Context, socket_path: str | None) -> None:
+def cli(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
     """Control sandboxd: create sandboxes, run commands in them, remove them.
 
-    Errors print one line, "sandboxctl: CODE: MESSAGE", on stderr and exit 1;
-    usage errors exit 2.
+    --socket and --json go before the command or after it (the command's own
+    value wins). Errors print one line, "sandboxctl: CODE: MESSAGE", on stderr
+    and exit 1; usage errors exit 2.
     """
-    ctx.obj = {"socket": socket_path or None}
+    ctx.obj = Settings(socket=socket_path or None, json=as_json)
 
 
 @cli.command()
-@json_option
+@common_options()
 @click.pass_context
-def ping(ctx: click.Context, as_json: bool) -> None:
+def ping(ctx: click.Context) -> None:
     """Check that the daemon answers."""
     reply = run(ctx, lambda c: c.ping())
-    if as_json:
+    if settings(ctx).json:
         emit_json({"result": reply})
     else:
         click.echo(reply)
 
 
 @cli.command()
-@json_option
+@common_options()
 @click.pass_context
-def info(ctx: click.Context, as_json: bool) -> None:
+def info(ctx: click.Context) -> None:
     """Show the daemon's version, engine state and who you are to it."""
     result: DaemonInfo = run(ctx, lambda c: c.info())
-    if as_json:
+    if settings(ctx).json:
         emit_json(result.to_dict())
         return
     engine = (f"{result.engine.version or '?'} (reachable)" if result.engine.reachable
@@ -308,7 +339,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
 @click.option("--readonly-rootfs/--no-readonly-rootfs", default=None,
               help="Mount the root filesystem read-only.")
 @click.option("--user", help="User to run as inside the sandbox.")
-@json_option
+@common_options()
 @click.pass_context
 def create(
     ctx: click.Context,
@@ -325,7 +356,6 @@ def create(
     network: str | None,
     readonly_rootfs: bool | None,
     user: str | None,
-    as_json: bool,
 ) -> None:
     """Create a sandbox and print its ID (or, with --json, the whole sandbox)."""
     env_map = _key_values(env, "--env") if env else None
@@ -335,7 +365,7 @@ def create(
         idle_timeout=idle_timeout, env=env_map, workdir=workdir, labels=labels,
         network=network, readonly_rootfs=readonly_rootfs, user=user,
     ))
-    _print_sandbox(sb, as_json)
+    _print_sandbox(ctx, sb)
 
 
 @cli.command("ls")
@@ -344,14 +374,13 @@ def create(
 @click.option("--label", "label", multiple=True, metavar="K=V",
               help="Only sandboxes with this label (repeatable; all must match).")
 @click.option("-q", "--quiet", is_flag=True, help="Print IDs only.")
-@json_option
+@common_options()
 @click.pass_context
-def ls(ctx: click.Context, status: str | None, label: tuple[str, ...], quiet: bool,
-       as_json: bool) -> None:
+def ls(ctx: click.Context, status: str | None, label: tuple[str, ...], quiet: bool) -> None:
     """List your sandboxes (all of them, for an admin)."""
     labels = _key_values(label, "--label") if label else None
     sandboxes = run(ctx, lambda c: c.list(status=status, labels=labels))
-    if as_json:
+    if settings(ctx).json:
         emit_json([sb.to_dict() for sb in sandboxes])
     elif quiet:
         for sb in sandboxes:
@@ -364,12 +393,12 @@ def ls(ctx: click.Context, status: str | None, label: tuple[str, ...], quiet: bo
 
 @cli.command()
 @click.argument("sandbox_id", metavar="ID")
-@json_option
+@common_options()
 @click.pass_context
-def inspect(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+def inspect(ctx: click.Context, sandbox_id: str) -> None:
     """Show everything about one sandbox (by ID or name)."""
     sb = run(ctx, lambda c: c.get(sandbox_id))
-    if as_json:
+    if settings(ctx).json:
         emit_json(sb.to_dict())
     else:
         click.echo(_sandbox_listing(sb))
@@ -450,7 +479,7 @@ class ExecCommand(click.Command):
               help="Keep at most this many bytes per stream (head and tail).")
 @click.option("-i", "--stdin", "forward_stdin", is_flag=True,
               help="Send sandboxctl's stdin to the command (read to EOF first).")
-@json_option
+@common_options()
 @click.pass_context
 def exec_(
     ctx: click.Context,
@@ -462,7 +491,6 @@ def exec_(
     timeout: float | None,
     max_output: int | None,
     forward_stdin: bool,
-    as_json: bool,
 ) -> None:
     """Run CMD (an argv, no shell) in sandbox ID; exit with its exit code.
 
@@ -483,7 +511,7 @@ def exec_(
         sandbox_id, list(cmd), env=env_map, workdir=workdir, user=user, stdin=data,
         timeout=timeout, max_output=max_output,
     ))
-    if as_json:
+    if settings(ctx).json:
         emit_json(exec_json(result))
     else:
         sys.stdout.flush()
@@ -509,31 +537,31 @@ def _exit_status(code: int) -> int:
 
 @cli.command()
 @click.argument("sandbox_id", metavar="ID")
-@json_option
+@common_options()
 @click.pass_context
-def pause(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+def pause(ctx: click.Context, sandbox_id: str) -> None:
     """Freeze every process in a sandbox."""
-    _print_sandbox(run(ctx, lambda c: c.pause(sandbox_id)), as_json)
+    _print_sandbox(ctx, run(ctx, lambda c: c.pause(sandbox_id)))
 
 
 @cli.command()
 @click.argument("sandbox_id", metavar="ID")
-@json_option
+@common_options()
 @click.pass_context
-def resume(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+def resume(ctx: click.Context, sandbox_id: str) -> None:
     """Unfreeze a paused sandbox."""
-    _print_sandbox(run(ctx, lambda c: c.resume(sandbox_id)), as_json)
+    _print_sandbox(ctx, run(ctx, lambda c: c.resume(sandbox_id)))
 
 
 @cli.command()
 @click.argument("sandbox_id", metavar="ID")
 @click.argument("ttl", callback=_seconds_cb)
-@json_option
+@common_options()
 @click.pass_context
-def extend(ctx: click.Context, sandbox_id: str, ttl: float, as_json: bool) -> None:
+def extend(ctx: click.Context, sandbox_id: str, ttl: float) -> None:
     """Keep a sandbox alive: its deadline becomes now + TTL (seconds, or 10m/2h)."""
     sb = run(ctx, lambda c: c.extend(sandbox_id, ttl))
-    if as_json:
+    if settings(ctx).json:
         emit_json(sb.to_dict())
     else:
         click.echo(f"{sb.id} expires {_ago_or_in(sb.expires_at)}"
@@ -542,12 +570,12 @@ def extend(ctx: click.Context, sandbox_id: str, ttl: float, as_json: bool) -> No
 
 @cli.command()
 @click.argument("sandbox_id", metavar="ID")
-@json_option
+@common_options()
 @click.pass_context
-def stats(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
+def stats(ctx: click.Context, sandbox_id: str) -> None:
     """Show a sandbox's CPU, memory, process and network usage."""
     s: Stats = run(ctx, lambda c: c.stats(sandbox_id))
-    if as_json:
+    if settings(ctx).json:
         emit_json(s.to_dict())
         return
     click.echo(listing([
@@ -562,6 +590,7 @@ def stats(ctx: click.Context, sandbox_id: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("sandbox_ids", metavar="ID...", nargs=-1, required=True)
 @click.option("-f", "--force", is_flag=True, help="Do not fail on sandboxes that do not exist.")
+@common_options("Print a JSON array: one {id, removed, error} object per ID.")
 @click.pass_context
 def rm(ctx: click.Context, sandbox_ids: tuple[str, ...], force: bool) -> None:
     """Stop and remove sandboxes; print each ID removed.
@@ -569,11 +598,11 @@ def rm(ctx: click.Context, sandbox_ids: tuple[str, ...], force: bool) -> None:
     Every ID is attempted; if any failed, exit 1 after reporting each failure.
     """
 
-    async def remove_all(c: SandboxClient) -> list[tuple[str, SandboxdError | None]]:
+    def remove_all(c: Client) -> list[tuple[str, SandboxdError | None]]:
         outcome: list[tuple[str, SandboxdError | None]] = []
         for sid in sandbox_ids:
             try:
-                await c.remove(sid)
+                c.remove(sid)
                 outcome.append((sid, None))
             except NotFound as err:
                 outcome.append((sid, None if force else err))
@@ -583,10 +612,16 @@ def rm(ctx: click.Context, sandbox_ids: tuple[str, ...], force: bool) -> None:
                 outcome.append((sid, err))
         return outcome
 
+    outcome = run(ctx, remove_all)
+    if settings(ctx).json:
+        emit_json([{"id": sid, "removed": err is None,
+                    "error": None if err is None else {"code": err.code, "message": err.message}}
+                   for sid, err in outcome])
     failed = False
-    for sid, err in run(ctx, remove_all):
+    for sid, err in outcome:
         if err is None:
-            click.echo(sid)
+            if not settings(ctx).json:
+                click.echo(sid)
         else:
             failed = True
             click.echo(f"{PROG}: {_error_line(err)}", err=True)
@@ -625,22 +660,23 @@ def event_line(ev: Event) -> str:
               help="Only events of sandboxes with this label (repeatable; all must match).")
 @click.option("--since", type=click.IntRange(min=0), metavar="SEQ",
               help="First replay the retained events after SEQ.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@common_options("Print one JSON object per line.")
 @click.pass_context
 def events(ctx: click.Context, types: tuple[str, ...], sandbox_id: str | None,
-           label: tuple[str, ...], since: int | None, as_json: bool) -> None:
+           label: tuple[str, ...], since: int | None) -> None:
     """Follow the daemon's events until Ctrl-C, one line each: SEQ TIME TYPE SANDBOX DATA.
 
     A lost connection or a cut-off is repaired by resubscribing from the last
     event shown, so nothing the daemon still retains is missed or repeated.
     """
     labels = _key_values(label, "--label") if label else None
+    as_json = settings(ctx).json
 
-    async def follow(c: SandboxClient) -> bool:
+    def follow(c: Client) -> bool:
         stream = c.events(types=list(types) or None, sandbox=sandbox_id, labels=labels,
                           since=since)
-        async with stream:
-            async for ev in stream:
+        with stream:
+            for ev in stream:
                 line = (json.dumps(ev.to_dict(), default=_json_default, ensure_ascii=False)
                         if as_json else event_line(ev))
                 try:

@@ -1,10 +1,11 @@
 """Typed views of the values the daemon returns (SPEC §3), built from wire maps.
 
 This module owns the dataclasses ``Sandbox`` (its data part), ``Owner``,
-``Limits``, ``ExecResult``, ``Stats``, ``DaemonInfo`` and friends, their
-liberal ``from_wire`` constructors and their ``to_dict`` views. It must not do
-any I/O or know about connections: the sandbox *handles* that can act
-(``sb.exec(...)``) are subclasses defined in ``aio`` and ``blocking``.
+``Limits``, ``ExecResult``, ``Stats``, ``DaemonInfo``, ``Event`` and friends,
+their liberal ``from_wire`` constructors and their ``to_dict`` views. It must
+not do any I/O or know about connections: the sandbox *handles* that can act
+(``sb.exec(...)``) are subclasses defined by the typed API (``_async.client``,
+and ``_sync.client`` generated from it).
 
 Reading is liberal, as the SPEC asks: unknown keys are kept in ``extra`` and
 never cause an error, a missing key takes a neutral default, and a str sent
@@ -25,6 +26,7 @@ __all__ = [
     "CallerInfo",
     "DaemonInfo",
     "EngineInfo",
+    "Event",
     "ExecResult",
     "Limits",
     "Owner",
@@ -390,3 +392,36 @@ class DaemonInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self, DaemonInfo)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One daemon event (SPEC §3): ``seq`` orders them, ``time`` is RFC 3339 UTC."""
+
+    seq: int
+    time: str
+    type: str
+    sandbox_id: str | None = None
+    sandbox_name: str | None = None
+    owner_uid: int | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "an event")
+        owner = m.get("owner_uid")
+        payload = m.get("data")
+        return cls(
+            seq=_int(m.get("seq")),
+            time=_str(m.get("time")),
+            type=_str(m.get("type")),
+            sandbox_id=_opt_str(m.get("sandbox_id")),
+            sandbox_name=_opt_str(m.get("sandbox_name")),
+            owner_uid=None if owner is None else _int(owner),
+            data=dict(payload) if isinstance(payload, Mapping) else {},
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, Event)

@@ -25,7 +25,7 @@ step() {
 
 step pytest .venv/bin/python -m pytest -q "$@"
 step imports .venv/bin/lint-imports
-step ruff .venv/bin/ruff check sandboxd client tests benchmarks
+step ruff .venv/bin/ruff check sandboxd client tests benchmarks scripts
 step mypy .venv/bin/mypy --strict sandboxd client
 
 printf '\n==> summary\n'

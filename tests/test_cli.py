@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 from conftest import Daemon
+from sandboxd_client.cli import cli
 
 SANDBOXCTL = [sys.executable, "-c", "from sandboxd_client.cli import main; main()"]
 
@@ -70,3 +72,58 @@ def test_ping_and_info(daemon: Daemon) -> None:
     assert ctl(daemon.socket, "ping").returncode == 0
     info = json.loads(ctl(daemon.socket, "info", "--json").stdout)
     assert info["engine"]["reachable"] is True and info["caller"]["uid"] == os.getuid()
+
+
+def invoke(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """sandboxctl in-process, with exactly these arguments (no --socket added)."""
+    return CliRunner().invoke(cli, list(args), env={"SANDBOXD_SOCKET": None, **(env or {})})
+
+
+def test_socket_and_json_before_or_after_the_command(daemon: Daemon, tmp_path: Path) -> None:
+    good, bad = daemon.socket, str(tmp_path / "absent.sock")
+    for args in (["--socket", good, "--json", "ping"], ["ping", "--socket", good, "--json"],
+                 ["--json", "ping", "--socket", good], ["--socket", good, "ping", "--json"]):
+        res = invoke(*args)
+        assert res.exit_code == 0, (args, res.output)
+        assert json.loads(res.stdout) == {"result": "pong"}, args
+    # The command's own value wins over the group's, and over the environment.
+    assert invoke("--socket", bad, "ping", "--socket", good).stdout == "pong\n"
+    res = invoke("--socket", good, "ping", "--socket", bad)
+    assert res.exit_code == 1 and f"not running at {bad}" in res.stderr
+    assert invoke("ping", "--socket", good, env={"SANDBOXD_SOCKET": bad}).exit_code == 0
+    assert invoke("--json", "ping", "--no-json", "--socket", good).stdout == "pong\n"
+    assert invoke("--no-json", "info", "--json", "--socket", good).stdout.startswith("{")
+
+
+def test_every_command_takes_socket_and_json_after_its_name(
+    daemon: Daemon, sandbox_id: str
+) -> None:
+    s = daemon.socket
+    assert json.loads(invoke("info", "--socket", s, "--json").stdout)["engine"]["reachable"]
+    listed = json.loads(invoke("ls", "--label", "suite=cli", "--socket", s, "--json").stdout)
+    assert sandbox_id in [x["id"] for x in listed]
+    assert json.loads(invoke("--json", "inspect", sandbox_id, "--socket", s).stdout)[
+        "id"] == sandbox_id
+    assert invoke("inspect", sandbox_id, "--socket", s).stdout.startswith("id:")
+    assert json.loads(invoke("stats", sandbox_id, "--json", "--socket", s).stdout)["pids"] >= 1
+    assert json.loads(invoke("pause", sandbox_id, "--socket", s, "--json").stdout)[
+        "status"] == "paused"
+    assert json.loads(invoke("--socket", s, "resume", "--json", sandbox_id).stdout)[
+        "status"] == "running"
+    assert json.loads(invoke("extend", sandbox_id, "90", "--json", "--socket", s).stdout)[
+        "id"] == sandbox_id
+    # exec: options between ID and "--" (or before ID) belong to sandboxctl, the rest is CMD.
+    res = invoke("exec", sandbox_id, "--socket", s, "--json", "--", "sh", "-c",
+                 "echo out; exit 4")
+    assert res.exit_code == 4 and json.loads(res.stdout)["stdout"] == "out\n"
+    res = invoke("--json", "exec", "--socket", s, "--no-json", sandbox_id, "echo", "--json")
+    assert res.exit_code == 0 and res.stdout == "--json\n"
+    res = invoke("--socket", s, "rm", "--json", "no-such-sandbox")
+    assert res.exit_code == 1
+    assert json.loads(res.stdout) == [{"id": "no-such-sandbox", "removed": False, "error": {
+        "code": "not_found", "message": json.loads(res.stdout)[0]["error"]["message"]}}]
+    assert res.stderr.count("\n") == 1 and "not_found" in res.stderr
+    made = json.loads(invoke("create", "--ttl", "60", "--socket", s, "--json").stdout)["id"]
+    res = invoke("rm", made, "--json", "--socket", s)
+    assert res.exit_code == 0 and json.loads(res.stdout) == [
+        {"id": made, "removed": True, "error": None}]

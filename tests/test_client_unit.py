@@ -248,7 +248,7 @@ async def test_params_encoding(server: FakeServer) -> None:
 
 async def test_msgid_wraps_around(server: FakeServer) -> None:
     async with SandboxClient(server.path) as client:
-        client._next_msgid = 2**32 - 1
+        client._conn._router.next_msgid = 2**32 - 1
         seen = []
         for _ in range(2):
             task = asyncio.create_task(client.call("m"))
@@ -358,7 +358,7 @@ async def test_cancelled_call_does_not_leak_or_break(server: FakeServer) -> None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        assert client._pending == {}
+        assert client._conn._router.pending == {}
         conn.respond(req.msgid, None, "late")  # ignored
         task = asyncio.create_task(client.call("m2"))
         conn, req = await server.next_request()

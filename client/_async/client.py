@@ -1,0 +1,348 @@
+"""The typed sandboxd API: ``AsyncClient`` and the ``AsyncSandbox`` handle it returns.
+
+This module owns one method per SPEC §3 call (``ping``, ``info``, ``create``,
+``get``, ``list``, ``pause``, ``resume``, ``extend``, ``remove``, ``stats``,
+``exec``, ``events``), the generic ``call``/``notify``/``on_notification``,
+turning named arguments into wire params and replies into models, and the
+sandbox handle that acts on itself (``sb.exec(...)``). It must not touch
+sockets, msgids or asyncio (``connection`` and ``_compat`` do), nor import
+anything of ``sandboxd`` but ``sandboxd.wire``. Written once for both sides:
+``scripts/unasync.py`` derives the blocking module from the asyncio one.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from .. import models
+from ..connection import DEFAULT_CLIENT_MAX_FRAME, AsyncConnection
+from ..exceptions import UnexpectedReply
+from ..models import DaemonInfo, ExecResult, Stats
+from ..protocol import NotificationHandler, named_params
+from ._compat import connect_on_init
+from .events import DEFAULT_MAX_BUFFER, AsyncEventStream
+
+__all__ = ["AsyncClient", "AsyncSandbox"]
+
+
+class AsyncClient:
+    """A sandboxd client: ``async with AsyncClient() as c: sb = await c.create(ttl=60)``.
+
+    ``path`` is the daemon's socket (None: ``$SANDBOXD_SOCKET`` or the
+    default socket). Many calls may be in flight at once on its one
+    connection. Once the connection is lost (the daemon closed it, an I/O
+    error, a ``protocol.error`` notification, or ``close()``), every pending
+    call raises ``ConnectionLost`` at once and every later call raises it
+    immediately; the client does not reconnect: make a new one.
+
+    Calls have no client-side deadline of their own (an exec may legitimately
+    run long): the daemon's own deadlines (``exec(timeout=...)``) bound them.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        connect_timeout: float = 5.0,
+        max_frame: int = DEFAULT_CLIENT_MAX_FRAME,
+    ) -> None:
+        self._conn = AsyncConnection(
+            path, connect_timeout=connect_timeout, max_frame=max_frame)
+        connect_on_init(self._conn)
+
+    # -- connection ---------------------------------------------------------------
+
+    @property
+    def path(self) -> str | None:
+        """The daemon's socket path."""
+        return self._conn.path
+
+    @property
+    def connect_timeout(self) -> float:
+        return self._conn.connect_timeout
+
+    @property
+    def max_frame(self) -> int:
+        return self._conn.max_frame
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open and usable."""
+        return self._conn.connected
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection was lost or closed (the client is then unusable)."""
+        return self._conn.closed
+
+    async def connect(self) -> Self:
+        """Open the connection (idempotent). Raises ``ConnectFailed`` on failure."""
+        await self._conn.connect()
+        return self
+
+    async def close(self) -> None:
+        """Close the connection; pending calls fail with ``ConnectionLost``. Idempotent."""
+        await self._conn.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- generic ------------------------------------------------------------------
+
+    async def call(self, method: str, /, **params: Any) -> Any:
+        """Call ``method`` with named arguments and return its result.
+
+        Arguments whose value is None are omitted (the daemon's default then
+        applies); params go on the wire as ``[{...}]``, or ``[]`` when none.
+        An error reply raises the ``sandboxd.wire.errors`` class of its code.
+        """
+        return await self._conn.call(method, named_params(params))
+
+    async def call_raw(self, method: str, params: builtins.list[Any]) -> Any:
+        """Call ``method`` with an explicit params array (for non-SPEC servers and tests)."""
+        return await self._conn.call(method, params)
+
+    async def notify(self, method: str, /, **params: Any) -> None:
+        """Send a notification (no reply is expected)."""
+        await self._conn.notify(method, named_params(params))
+
+    def on_notification(self, method: str, callback: NotificationHandler) -> Callable[[], None]:
+        """Call ``callback(params)`` for each notification named ``method``.
+
+        Several callbacks may share a method; each runs, inline, in arrival
+        order, while the connection reads: keep them quick and never call the
+        client from one. Returns a function that unregisters this callback. A
+        callback that raises is logged and never breaks the connection.
+        """
+        return self._conn.on_notification(method, callback)
+
+    # -- daemon -------------------------------------------------------------------
+
+    async def ping(self) -> str:
+        """``daemon.ping``: returns ``"pong"``."""
+        return models._str(await self.call("daemon.ping"))
+
+    async def info(self) -> DaemonInfo:
+        """``daemon.info``: version, engine state, counts, and who the caller is."""
+        return DaemonInfo.from_wire(await self.call("daemon.info"))
+
+    # -- events -------------------------------------------------------------------
+
+    def events(
+        self,
+        types: Sequence[str] | None = None,
+        sandbox: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        since: int | None = None,
+        *,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        max_backoff: float = 5.0,
+    ) -> AsyncEventStream:
+        """Follow the daemon's events: ``async for ev in client.events(["sandbox.*"]): ...``.
+
+        ``types`` match exactly or by prefix (``"sandbox.*"``); ``sandbox`` is an
+        id or name; ``labels`` must all match; ``since`` replays retained events
+        after that seq first. The stream resubscribes by itself when cut off
+        and reconnects (on new connections) when the connection is lost,
+        without gaps or duplicates; see ``AsyncEventStream``.
+        """
+        return AsyncEventStream(
+            self._conn, types=types, sandbox=sandbox, labels=labels, since=since,
+            max_buffer=max_buffer, max_backoff=max_backoff)
+
+    # -- sandboxes ----------------------------------------------------------------
+
+    def _bind(self, data: Any) -> AsyncSandbox:
+        sb = AsyncSandbox.from_wire(data)
+        sb._client = self
+        return sb
+
+    async def create(
+        self,
+        *,
+        image: str | None = None,
+        name: str | None = None,
+        memory: int | str | None = None,
+        cpus: float | None = None,
+        pids: int | None = None,
+        ttl: float | None = None,
+        idle_timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        network: str | None = None,
+        readonly_rootfs: bool | None = None,
+        user: str | None = None,
+        **extra: Any,
+    ) -> AsyncSandbox:
+        """``sandbox.create``: start a sandbox; returns when it is running.
+
+        Omitted (None) arguments take the daemon's defaults; ``ttl=0`` asks for
+        no expiry. ``memory`` is bytes or a string like ``"512m"``. ``extra``
+        is passed through unchanged, for arguments newer than this client.
+        """
+        reply = await self.call(
+            "sandbox.create",
+            image=image,
+            name=name,
+            memory=memory,
+            cpus=cpus,
+            pids=pids,
+            ttl=ttl,
+            idle_timeout=idle_timeout,
+            env=dict(env) if env is not None else None,
+            workdir=workdir,
+            labels=dict(labels) if labels is not None else None,
+            network=network,
+            readonly_rootfs=readonly_rootfs,
+            user=user,
+            **extra,
+        )
+        return self._bind(reply)
+
+    async def get(self, id: str) -> AsyncSandbox:
+        """``sandbox.get``: one sandbox by id or name."""
+        return self._bind(await self.call("sandbox.get", id=id))
+
+    async def list(
+        self, status: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> builtins.list[AsyncSandbox]:
+        """``sandbox.list``: the caller's sandboxes, filtered by status and labels (all match)."""
+        reply = await self.call(
+            "sandbox.list",
+            status=status,
+            labels=dict(labels) if labels is not None else None,
+        )
+        if not isinstance(reply, (builtins.list, tuple)):
+            raise UnexpectedReply(
+                f"Expected a list of sandboxes from sandbox.list, got {type(reply).__name__}.")
+        return [self._bind(item) for item in reply]
+
+    async def pause(self, id: str) -> AsyncSandbox:
+        """``sandbox.pause``: freeze every process in the sandbox."""
+        return self._bind(await self.call("sandbox.pause", id=id))
+
+    async def resume(self, id: str) -> AsyncSandbox:
+        """``sandbox.resume``: unfreeze a paused sandbox."""
+        return self._bind(await self.call("sandbox.resume", id=id))
+
+    async def extend(self, id: str, ttl: float) -> AsyncSandbox:
+        """``sandbox.extend``: the deadline becomes now + ``ttl`` seconds."""
+        return self._bind(await self.call("sandbox.extend", id=id, ttl=ttl))
+
+    async def remove(self, id: str) -> None:
+        """``sandbox.remove``: stop and remove the sandbox."""
+        await self.call("sandbox.remove", id=id)
+
+    async def stats(self, id: str) -> Stats:
+        """``sandbox.stats``: a resource sample."""
+        return Stats.from_wire(await self.call("sandbox.stats", id=id))
+
+    async def exec(
+        self,
+        id: str,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the daemon-side exec deadline
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """``sandbox.exec``: run ``cmd`` (an argv list, never a shell string), buffered.
+
+        ``stdin`` bytes are fed to the process; ``timeout`` (seconds) kills it
+        and everything it started; output over ``max_output`` bytes per stream
+        is cut in the middle and ``truncated`` is set.
+        """
+        if isinstance(cmd, (str, bytes)):
+            raise TypeError(
+                "cmd must be a list of strings (an argv), not a string; "
+                "for a shell use ['sh', '-c', command]."
+            )
+        return ExecResult.from_wire(await self.call(
+            "sandbox.exec",
+            id=id,
+            cmd=[str(c) for c in cmd],
+            env=dict(env) if env is not None else None,
+            workdir=workdir,
+            user=user,
+            stdin=bytes(stdin) if stdin is not None else None,
+            timeout=timeout,
+            max_output=max_output,
+        ))
+
+
+@dataclass(eq=True)
+class AsyncSandbox(models.Sandbox):
+    """A sandbox's data plus the client that fetched it, so it can act on itself.
+
+    The client reference is neither compared nor shown. Methods that return a
+    new state (``pause``, ``resume``, ``extend``, ``refresh``) update this
+    object in place and return it.
+    """
+
+    _client: AsyncClient | None = field(default=None, compare=False, repr=False)
+
+    def _c(self) -> AsyncClient:
+        if self._client is None:
+            raise RuntimeError("This Sandbox is not bound to a client.")
+        return self._client
+
+    async def exec(
+        self,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the daemon-side exec deadline
+        max_output: int | None = None,
+    ) -> ExecResult:
+        """Run ``cmd`` in this sandbox (see ``AsyncClient.exec``)."""
+        return await self._c().exec(
+            self.id, cmd, env=env, workdir=workdir, user=user, stdin=stdin,
+            timeout=timeout, max_output=max_output,
+        )
+
+    async def refresh(self) -> Self:
+        """Re-read this sandbox's state from the daemon."""
+        self._update_from(await self._c().get(self.id))
+        return self
+
+    async def pause(self) -> Self:
+        """Freeze every process in this sandbox."""
+        self._update_from(await self._c().pause(self.id))
+        return self
+
+    async def resume(self) -> Self:
+        """Unfreeze this sandbox."""
+        self._update_from(await self._c().resume(self.id))
+        return self
+
+    async def extend(self, ttl: float) -> Self:
+        """Its deadline becomes now + ``ttl`` seconds."""
+        self._update_from(await self._c().extend(self.id, ttl))
+        return self
+
+    async def remove(self) -> None:
+        """Stop and remove this sandbox."""
+        await self._c().remove(self.id)
+
+    async def stats(self) -> Stats:
+        """A resource sample of this sandbox."""
+        return await self._c().stats(self.id)

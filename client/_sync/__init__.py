@@ -1,0 +1,17 @@
+# GENERATED FILE: do not edit. Written by scripts/unasync.py from client/_async/__init__.py;
+# edit that file and run `python scripts/unasync.py` (a test fails when they differ).
+"""The typed API on one side: the client, its sandbox handle and the event stream.
+
+This package owns the client's typed methods (``Client``), the sandbox
+handle (``BlockingSandbox``) and the resuming event stream
+(``BlockingEventStream``), all on ``connection.BlockingConnection``. The asyncio
+modules are written by hand; ``scripts/unasync.py`` derives the blocking
+ones from them (every module but the hand-written ``_compat``), so no
+module here may use asyncio directly: what differs between the sides goes
+through each side's ``_compat``.
+"""
+
+from .client import BlockingSandbox, Client
+from .events import BlockingEventStream
+
+__all__ = ["BlockingEventStream", "BlockingSandbox", "Client"]
