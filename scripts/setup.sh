@@ -26,6 +26,8 @@ if ! command -v docker >/dev/null 2>&1 || ! command -v dockerd >/dev/null 2>&1; 
     missing+=(docker.io)
 fi
 pkg_installed busybox-static || missing+=(busybox-static)
+# gcc: the agent's sanitizer tests (the agent itself is built with the venv's zig).
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 # systemd-analyze and systemd-socket-activate, for the unit and socket-activation tests.
 if ! command -v systemd-analyze >/dev/null 2>&1 \
         || ! command -v systemd-socket-activate >/dev/null 2>&1; then
@@ -104,6 +106,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
 else
     log "venv: up to date"
 fi
+
+# --- the in-sandbox agent ---------------------------------------------------
+# Built from source (static, musl, with the venv's zig); rebuilt only when sources change.
+log "agent: python -m sandboxd.agent.build"
+.venv/bin/python -m sandboxd.agent.build
 
 # --- base image ------------------------------------------------------------
 bash scripts/build-base-image.sh

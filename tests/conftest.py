@@ -303,3 +303,37 @@ async def make_sandbox(daemon: Daemon) -> AsyncIterator[MakeSandbox]:
         for sid in made:
             with contextlib.suppress(Exception):
                 await owner.remove(sid)
+
+
+# -- the agent's own tests (tests/agent): the binary and a local agent ----------------
+
+
+@pytest.fixture(scope="session")
+def agent_bin() -> Path:
+    """The agent binary for this machine, built (when stale) from the sources.
+
+    SANDBOXD_AGENT_BIN runs the tests against another build (e.g. one with sanitizers).
+    """
+    from sandboxd.agent import build
+
+    if os.environ.get("SANDBOXD_AGENT_BIN"):
+        return Path(os.environ["SANDBOXD_AGENT_BIN"])
+    try:
+        return build.build()
+    except build.BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def agent(agent_bin: Path) -> Iterator[Any]:
+    """A local agent (an ordinary subprocess, not PID 1) after its handshake; it is ended
+    afterwards and the test fails if anything it started is left over."""
+    sys.path.insert(0, str(ROOT / "tests" / "agent"))
+    from agentproc import Agent
+
+    a = Agent(agent_bin)
+    try:
+        a.handshake()
+        yield a
+    finally:
+        a.close()
