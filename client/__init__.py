@@ -1,21 +1,26 @@
 """sandboxd_client: the Python client library and the ``sandboxctl`` CLI for sandboxd.
 
 This package root owns the public names: the asyncio ``SandboxClient``, the
-blocking ``Client``, their sandbox handles and event streams, the data
-models, and the error classes re-exported from ``sandboxd.wire.errors`` (so
+blocking ``Client``, their sandbox handles, event streams and streamed
+processes, the data models, and the error classes re-exported from ``sandboxd.wire.errors`` (so
 ``except sandboxd_client.NotFound`` works). It must not define anything
 itself, nor import aiodocker or any part of the daemon: from ``sandboxd``
 only ``sandboxd.wire`` is allowed.
 
 Layout: ``connection`` (the only socket I/O: ``AsyncConnection`` and
 ``BlockingConnection``) on ``protocol`` (sans-IO routing) and ``channels``
-(notification queues); the typed API written once in ``_async`` and
-generated into ``_sync`` by ``scripts/unasync.py``; ``models``, ``paths``,
-``exceptions``; ``cli`` (``sandboxctl``).
+(notification queues, with per-stream lanes for exec output); the typed API
+written once in ``_async`` (``client``, ``events``, ``process`` for streamed
+execs, ``files`` for chunked transfers) and generated into ``_sync`` by
+``scripts/unasync.py``; ``models``, ``paths``, ``exceptions``, ``deadlines``;
+``cli`` (``sandboxctl``) with ``relay`` (a process to local fds),
+``terminal`` (raw mode, SIGWINCH) and ``transfer`` (``cp``).
 
     async with SandboxClient() as c:
         sb = await c.create(ttl=60)
         r = await sb.exec(["echo", "hi"])
+        proc = await sb.start(["cat"], stdin=True)
+        out, err = await proc.communicate(b"hi")
 
     with Client() as c:
         print(c.create(ttl=60).exec(["echo", "hi"]).stdout)
@@ -39,15 +44,32 @@ from sandboxd.wire.errors import (
     TooLarge,
 )
 
-from ._async import AsyncClient, AsyncEventStream, AsyncSandbox
-from ._sync import BlockingEventStream, BlockingSandbox, Client
+from ._async import (
+    AsyncClient,
+    AsyncEventStream,
+    AsyncProcess,
+    AsyncSandbox,
+    AsyncStreamReader,
+    AsyncStreamWriter,
+)
+from ._sync import (
+    BlockingEventStream,
+    BlockingProcess,
+    BlockingSandbox,
+    BlockingStreamReader,
+    BlockingStreamWriter,
+    Client,
+)
 from .exceptions import ConnectFailed, UnexpectedReply
 from .models import (
     CallerInfo,
     DaemonInfo,
     EngineInfo,
     Event,
+    ExecExit,
+    ExecInfo,
     ExecResult,
+    FileInfo,
     Limits,
     Owner,
     Sandbox,
@@ -65,9 +87,15 @@ EventStream = AsyncEventStream
 __all__ = [
     "AsyncClient",
     "AsyncEventStream",
+    "AsyncProcess",
     "AsyncSandbox",
+    "AsyncStreamReader",
+    "AsyncStreamWriter",
     "BlockingEventStream",
+    "BlockingProcess",
     "BlockingSandbox",
+    "BlockingStreamReader",
+    "BlockingStreamWriter",
     "CallerInfo",
     "Client",
     "Conflict",
@@ -80,7 +108,10 @@ __all__ = [
     "EngineUnavailable",
     "Event",
     "EventStream",
+    "ExecExit",
+    "ExecInfo",
     "ExecResult",
+    "FileInfo",
     "InternalError",
     "InvalidParams",
     "InvalidRequest",

@@ -4,7 +4,10 @@ This module owns argument parsing, human and JSON rendering, and the CLI's
 error contract: a failure prints exactly one line on stderr,
 ``sandboxctl: <code>: <message>``, and exits 1 (usage errors exit 2, as
 click does); never a traceback. ``--socket`` and ``--json`` are accepted both
-before the command name and after it; the command's own value wins. It talks
+before the command name and after it; the command's own value wins. The
+streamed commands (``exec -i/-t/-d``, ``attach``) hand their process to
+``relay`` (the concurrent stdin and output flows) inside ``terminal``'s raw
+mode where there is one; ``cp`` hands its two ends to ``transfer``. It talks
 to the daemon only through the blocking ``Client``; it must not speak the
 wire protocol itself, nor import aiodocker or the daemon.
 """
@@ -12,8 +15,11 @@ wire protocol itself, nor import aiodocker or the daemon.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,8 +31,10 @@ import click
 from sandboxd.wire.errors import ConnectionLost, NotFound, SandboxdError
 from sandboxd.wire.version import __version__
 
+from . import terminal, transfer
 from ._sync.client import Client
-from .models import DaemonInfo, Event, ExecResult, Sandbox, Stats, parse_time
+from .models import DaemonInfo, Event, ExecExit, ExecInfo, ExecResult, Sandbox, Stats, parse_time
+from .relay import relay
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -101,8 +109,8 @@ def run(ctx: click.Context, action: Callable[[Client], T]) -> T:
             return action(client)
     except SandboxdError as err:
         raise Failed(_error_line(err)) from None
-    except (click.ClickException, click.exceptions.Exit, click.Abort):
-        raise
+    except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+        raise  # a closed stdout (``| head``): main() exits quietly
     except Exception as err:  # never a traceback; SANDBOXCTL_DEBUG=1 shows one
         if os.environ.get("SANDBOXCTL_DEBUG"):
             raise
@@ -413,11 +421,22 @@ class ExecCommand(click.Command):
     before ID. A ``--`` inside the command itself is left alone.
     """
 
-    def _takes_value(self, token: str) -> bool | None:
-        name = token.split("=", 1)[0]
+    def _option(self, name: str) -> click.Option | None:
         for param in self.params:
             if isinstance(param, click.Option) and name in (*param.opts, *param.secondary_opts):
-                return not param.is_flag and "=" not in token
+                return param
+        return None
+
+    def _takes_value(self, token: str) -> bool | None:
+        """Whether option ``token`` takes the next argument; None if it is none of ours."""
+        name = token.split("=", 1)[0]
+        option = self._option(name)
+        if option is not None:
+            return not option.is_flag and "=" not in token
+        if not token.startswith("--") and len(token) > 2:  # a cluster of short flags: -it
+            options = [self._option(f"-{c}") for c in token[1:]]
+            if all(o is not None and o.is_flag for o in options):
+                return False
         return None
 
     def _id_index(self, args: list[str]) -> int | None:
@@ -470,21 +489,34 @@ class ExecCommand(click.Command):
                                                         "allow_interspersed_args": False})
 @click.argument("sandbox_id", metavar="ID")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD...")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Stream sandboxctl's stdin to the command as it comes (binary-safe; its end "
+              "closes the command's stdin).")
+@click.option("-t", "--tty", is_flag=True,
+              help="Give the command a terminal sized like yours (needs a terminal on stdin; "
+              "all output is then stdout). With -i: an interactive session in raw mode.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Start the command detached, print its exec id and return; it runs on "
+              "(follow it with `sandboxctl attach`).")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment (repeatable).")
 @click.option("--workdir", help="Working directory for the command.")
 @click.option("--user", help="User to run the command as.")
 @click.option("--timeout", metavar="SECONDS", callback=_seconds_cb,
               help="Kill the command after this long.")
 @click.option("--max-output", type=int, metavar="BYTES",
-              help="Keep at most this many bytes per stream (head and tail).")
-@click.option("-i", "--stdin", "forward_stdin", is_flag=True,
-              help="Send sandboxctl's stdin to the command (read to EOF first).")
+              help="Keep at most this many bytes per stream (head and tail; buffered only).")
+@click.option("--stdin", "forward_stdin", is_flag=True,
+              help="Read sandboxctl's stdin to its end first and pass it to the buffered "
+              "command (-i streams it instead).")
 @common_options()
 @click.pass_context
 def exec_(
     ctx: click.Context,
     sandbox_id: str,
     cmd: tuple[str, ...],
+    interactive: bool,
+    tty: bool,
+    detach: bool,
     env: tuple[str, ...],
     workdir: str | None,
     user: str | None,
@@ -495,17 +527,31 @@ def exec_(
     """Run CMD (an argv, no shell) in sandbox ID; exit with its exit code.
 
     Everything after ID is the command; options go before ID, or between
-    ID and a `--` that precedes CMD. The command's stdout and stderr are
-    written raw to
-    sandboxctl's stdout and stderr; a timeout or truncation is noted on
-    stderr. Use `sh -c '...'` for shell syntax.
+    ID and a `--` that precedes CMD. Use `sh -c '...'` for shell syntax.
 
-    With --json, one object is printed instead: exit_code, timed_out,
-    truncated, duration, and stdout/stderr decoded as UTF-8 (invalid bytes
-    replaced) plus stdout_b64/stderr_b64 with the exact bytes in base64. The
-    exit code is still the command's.
+    Without -i, -t or -d the command runs buffered: its stdout and stderr
+    are written raw to sandboxctl's stdout and stderr once it ended, and a
+    timeout or truncation is noted on stderr. With --json, one object is
+    printed instead: exit_code, timed_out, truncated, duration, and
+    stdout/stderr decoded as UTF-8 (invalid bytes replaced) plus
+    stdout_b64/stderr_b64 with the exact bytes in base64. The exit code is
+    still the command's.
+
+    With -i and/or -t the command is streamed: output is written as it
+    comes, and -i sends stdin as it comes (`sandboxctl exec -i ID cat <
+    file`). `-it ID sh` is an interactive shell: your terminal is in raw
+    mode until it exits (every key goes to the shell, Ctrl-C included) and
+    the shell's terminal follows your window's size. -d starts the command
+    detached and prints its exec id (--json: {"exec_id": ...}).
     """
+    streamed = interactive or tty or detach
     env_map = _key_values(env, "--env") if env else None
+    if streamed:
+        _check_streamed_options(ctx, interactive, tty, detach, max_output, forward_stdin)
+        exit_ = _exec_streamed(ctx, sandbox_id, list(cmd), interactive=interactive, tty=tty,
+                               detach=detach, env=env_map, workdir=workdir, user=user,
+                               timeout=timeout)
+        ctx.exit(0 if exit_ is None else _exit_status(exit_.exit_code))
     data = sys.stdin.buffer.read() if forward_stdin else None
     result: ExecResult = run(ctx, lambda c: c.exec(
         sandbox_id, list(cmd), env=env_map, workdir=workdir, user=user, stdin=data,
@@ -521,18 +567,227 @@ def exec_(
         sys.stderr.buffer.write(result.stderr)
         sys.stderr.buffer.flush()
         if result.timed_out:
-            click.echo(f"{PROG}: the command timed out after {result.duration:.1f}s and was "
-                       "killed.", err=True)
+            _timed_out_note(result.duration)
         if result.truncated:
             click.echo(f"{PROG}: output was truncated (over --max-output bytes per stream; "
                        "the middle was cut).", err=True)
     ctx.exit(_exit_status(result.exit_code))
 
 
+def _timed_out_note(duration: float) -> None:
+    click.echo(f"{PROG}: the command timed out after {duration:.1f}s and was killed.", err=True)
+
+
+def _check_streamed_options(ctx: click.Context, interactive: bool, tty: bool, detach: bool,
+                            max_output: int | None, forward_stdin: bool) -> None:
+    """Refuse the combinations a streamed exec cannot honour (usage errors, exit 2)."""
+    if forward_stdin:
+        raise click.UsageError("--stdin is for the buffered exec; with -i, stdin is streamed "
+                               "(drop --stdin).", ctx)
+    if max_output is not None:
+        raise click.UsageError("--max-output applies to the buffered exec only (without -i, "
+                               "-t or -d).", ctx)
+    if detach and interactive:
+        raise click.UsageError("-d and -i do not mix: nothing would feed a detached "
+                               "command's stdin.", ctx)
+    if settings(ctx).json and not detach:
+        raise click.UsageError("--json needs the buffered exec (without -i or -t; use --stdin "
+                               "to pass input).", ctx)
+    stdin_fd = _fileno(sys.stdin)
+    if tty and not detach and (stdin_fd is None or not terminal.is_terminal(stdin_fd)):
+        raise Failed("not_a_tty: -t needs a terminal on stdin, and stdin is not one; "
+                     "use -i alone to pipe stdin to the command.")
+
+
+def _fileno(stream: Any) -> int | None:
+    """The file descriptor under ``stream``, or None (a test runner's in-memory stream)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if isinstance(fd, int) else None
+
+
+def _stdio() -> tuple[int, int, int]:
+    """sandboxctl's stdin, stdout and stderr descriptors, flushed, for raw byte relaying."""
+    fds = (_fileno(sys.stdin), _fileno(sys.stdout), _fileno(sys.stderr))
+    if fds[0] is None or fds[1] is None or fds[2] is None:
+        raise Failed("client_error: a streamed command needs stdin, stdout and stderr to be "
+                     "files, pipes or terminals.")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return fds[0], fds[1], fds[2]
+
+
+def _exec_streamed(
+    ctx: click.Context,
+    sandbox_id: str,
+    cmd: list[str],
+    *,
+    interactive: bool,
+    tty: bool,
+    detach: bool,
+    env: dict[str, str] | None,
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+) -> ExecExit | None:
+    """``exec -i/-t/-d``: start it, then print its id (-d) or relay it to this terminal."""
+    stdin_fd = _fileno(sys.stdin)
+    size = terminal.terminal_size(stdin_fd) if tty and stdin_fd is not None else None
+
+    def stream(c: Client) -> ExecExit | None:
+        proc = c.start(sandbox_id, cmd, stdin=interactive, tty=tty, detach=detach, env=env,
+                       workdir=workdir, user=user, timeout=timeout,
+                       rows=size[0] if size else None, cols=size[1] if size else None)
+        if detach:
+            proc.close()
+            if settings(ctx).json:
+                emit_json({"exec_id": proc.exec_id})
+            else:
+                click.echo(proc.exec_id)
+            return None
+        in_fd, out_fd, err_fd = _stdio()
+        raw = terminal.raw_mode(in_fd) if tty and interactive else contextlib.nullcontext()
+        winch = terminal.SignalPipe(signal.SIGWINCH) if tty else None
+        with raw, winch if winch is not None else contextlib.nullcontext():
+            return relay(proc, stdin_fd=in_fd if interactive else None, stdout_fd=out_fd,
+                         stderr_fd=err_fd,
+                         winch_fd=winch.fileno() if winch is not None else None,
+                         size=lambda: terminal.terminal_size(in_fd))
+
+    try:
+        done = run(ctx, stream)
+    except KeyboardInterrupt:
+        ctx.exit(130)
+    if done is not None and done.timed_out:
+        _timed_out_note(done.duration)
+    return done
+
+
 def _exit_status(code: int) -> int:
     if 0 <= code <= 255:
         return code
     return 1
+
+
+def _json_line(value: Any) -> None:
+    click.echo(json.dumps(value, default=_json_default, ensure_ascii=False))
+
+
+@cli.command()
+@click.argument("exec_id", metavar="EXEC_ID")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="N", help="Replay the output from byte N (stdout and stderr counted "
+              "together).")
+@common_options("Print one JSON object per line: {offset}, one {stream, data, data_b64} per "
+                "chunk, then the exit.")
+@click.pass_context
+def attach(ctx: click.Context, exec_id: str, offset: int) -> None:
+    """Follow a detached exec until it exits; exit with its exit code.
+
+    Its output is replayed from --offset (the daemon keeps the last 1 MiB per
+    stream; when older output was dropped, a note on stderr says where the
+    replay starts), then followed live, raw to stdout and stderr. Ctrl-C
+    stops following: the command runs on. One connection follows an exec at
+    a time: attaching takes it over.
+    """
+    as_json = settings(ctx).json
+
+    def follow(c: Client) -> ExecExit:
+        proc = c.attach(exec_id, offset)
+        if as_json:
+            _json_line({"offset": proc.offset})
+            for stream, data in proc.output():
+                _json_line({"stream": stream, "data": data.decode("utf-8", "replace"),
+                            "data_b64": base64.b64encode(data).decode("ascii")})
+            proc.wait()
+            assert proc.exit is not None
+            _json_line(proc.exit.to_dict())
+            return proc.exit
+        if proc.offset > offset:
+            click.echo(f"{PROG}: output before byte {proc.offset} was dropped; replaying "
+                       "from there.", err=True)
+        _, out_fd, err_fd = _stdio()
+        return relay(proc, stdout_fd=out_fd, stderr_fd=err_fd)
+
+    try:
+        done = run(ctx, follow)
+    except KeyboardInterrupt:
+        ctx.exit(130)
+    if done.timed_out and not as_json:
+        _timed_out_note(done.duration)
+    ctx.exit(_exit_status(done.exit_code))
+
+
+def _exec_status(e: ExecInfo) -> str:
+    if e.running:
+        return "running"
+    return "exited" if e.exit_code is None else f"exited({e.exit_code})"
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="ID")
+@common_options()
+@click.pass_context
+def ps(ctx: click.Context, sandbox_id: str) -> None:
+    """List the streamed execs of sandbox ID (running ones, and exited ones still kept)."""
+    execs = run(ctx, lambda c: c.exec_list(sandbox_id))
+    if settings(ctx).json:
+        emit_json([e.to_dict() for e in execs])
+        return
+    rows = [[e.exec_id, _exec_status(e), "yes" if e.detached else "no",
+             "yes" if e.tty else "no", e.started_at or "-", shlex.join(e.cmd)] for e in execs]
+    click.echo(table(["EXEC_ID", "STATUS", "DETACHED", "TTY", "STARTED", "COMMAND"], rows))
+
+
+def _local_error(exc: OSError) -> Failed:
+    if isinstance(exc, IsADirectoryError) and exc.filename is None:
+        return Failed(f"is_a_directory: {exc}")
+    if exc.filename is not None:
+        return Failed(f"local_error: {exc.filename}: {exc.strerror or exc}.")
+    return Failed(f"local_error: {exc}")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("destination")
+@common_options("Print {source, destination, bytes} once copied.")
+@click.pass_context
+def cp(ctx: click.Context, source: str, destination: str) -> None:
+    """Copy one file into or out of a sandbox: cp LOCAL ID:PATH, or cp ID:PATH LOCAL.
+
+    LOCAL `-` is stdin (or stdout). A relative PATH is relative to the
+    sandbox's workdir; write a local path that has a colon as ./a:b. Into a
+    directory (or a path ending in /) the file goes under its own name. Any
+    size, binary-safe: the bytes go in 1 MiB pieces both ways, never whole
+    in memory. Permission bits are kept; a local file is replaced only once
+    it was read completely.
+    """
+    src, dst = transfer.parse_location(source), transfer.parse_location(destination)
+    if isinstance(src, transfer.Remote) == isinstance(dst, transfer.Remote):
+        raise click.UsageError("Exactly one of SOURCE and DESTINATION must be ID:PATH (a file "
+                               "in a sandbox); the other is a local path, or - for stdin/stdout.",
+                               ctx)
+    if settings(ctx).json and dst == transfer.STDIO:
+        raise click.UsageError("--json would mix with the file written to stdout.", ctx)
+
+    def copy(c: Client) -> transfer.Copied:
+        try:
+            if isinstance(dst, transfer.Remote):
+                assert isinstance(src, str)
+                return transfer.copy_to_sandbox(c, src, dst, sys.stdin.buffer)
+            assert isinstance(src, transfer.Remote)
+            return transfer.copy_from_sandbox(c, src, dst, sys.stdout.buffer)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _local_error(exc) from None
+
+    copied = run(ctx, copy)
+    if settings(ctx).json:
+        emit_json({"source": copied.source, "destination": copied.destination,
+                   "bytes": copied.size})
 
 
 @cli.command()

@@ -31,7 +31,7 @@ from typing import Any, Self, TypeVar
 from sandboxd.wire.codec import Decoder, encode_notification, encode_request
 from sandboxd.wire.errors import ConnectionLost
 
-from .channels import DEFAULT_CHANNEL_SIZE, AsyncChannel, BlockingChannel, WhenFull
+from .channels import DEFAULT_CHANNEL_SIZE, AsyncChannel, BlockingChannel, Lanes, WhenFull
 from .exceptions import ConnectFailed, copy_lost
 from .paths import default_socket_path
 from .protocol import NotificationHandler, OnResult, Router
@@ -241,11 +241,16 @@ class AsyncConnection(_Base):
         methods: Sequence[str],
         key: str | None = None,
         *,
-        maxsize: int = DEFAULT_CHANNEL_SIZE,
+        maxsize: int | None = DEFAULT_CHANNEL_SIZE,
         when_full: WhenFull = "block",
+        lanes: Lanes | None = None,
     ) -> AsyncChannel:
-        """A channel of the ``methods`` notifications (whose first param is ``key``, if given)."""
-        channel = AsyncChannel(maxsize, when_full)
+        """A channel of the ``methods`` notifications (whose first param is ``key``, if given).
+
+        ``maxsize`` bounds it (None: unbounded), per lane when ``lanes`` sorts
+        its items (see ``channels.Lanes``).
+        """
+        channel = AsyncChannel(maxsize, when_full, lanes)
         self._router.add_channel(channel, methods, key)
         return channel
 
@@ -475,12 +480,17 @@ class BlockingConnection(_Base):
         methods: Sequence[str],
         key: str | None = None,
         *,
-        maxsize: int = DEFAULT_CHANNEL_SIZE,
+        maxsize: int | None = DEFAULT_CHANNEL_SIZE,
         when_full: WhenFull = "block",
+        lanes: Lanes | None = None,
     ) -> BlockingChannel:
-        """A channel of the ``methods`` notifications (whose first param is ``key``, if given)."""
+        """A channel of the ``methods`` notifications (whose first param is ``key``, if given).
+
+        ``maxsize`` bounds it (None: unbounded), per lane when ``lanes`` sorts
+        its items (see ``channels.Lanes``).
+        """
         channel = BlockingChannel(maxsize, when_full, lock=self._cond, wait=self._wait,
-                                  notify=self._cond.notify_all)
+                                  notify=self._cond.notify_all, lanes=lanes)
         with self._cond:
             self._router.add_channel(channel, methods, key)
         return channel

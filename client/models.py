@@ -1,7 +1,8 @@
 """Typed views of the values the daemon returns (SPEC §3), built from wire maps.
 
 This module owns the dataclasses ``Sandbox`` (its data part), ``Owner``,
-``Limits``, ``ExecResult``, ``Stats``, ``DaemonInfo``, ``Event`` and friends,
+``Limits``, ``ExecResult``, ``ExecExit``, ``ExecInfo``, ``FileInfo``,
+``Stats``, ``DaemonInfo``, ``Event`` and friends,
 their liberal ``from_wire`` constructors and their ``to_dict`` views. It must
 not do any I/O or know about connections: the sandbox *handles* that can act
 (``sb.exec(...)``) are subclasses defined by the typed API (``_async.client``,
@@ -27,7 +28,10 @@ __all__ = [
     "DaemonInfo",
     "EngineInfo",
     "Event",
+    "ExecExit",
+    "ExecInfo",
     "ExecResult",
+    "FileInfo",
     "Limits",
     "Owner",
     "Sandbox",
@@ -174,11 +178,12 @@ class Owner:
 
 @dataclass
 class Limits:
-    """A sandbox's resource limits: memory in bytes, CPUs, process count."""
+    """A sandbox's resource limits: memory and disk in bytes, CPUs, process count."""
 
     memory_bytes: int
     cpus: float
     pids: int
+    disk_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -188,6 +193,7 @@ class Limits:
             memory_bytes=_int(m.get("memory_bytes")),
             cpus=_float(m.get("cpus")),
             pids=_int(m.get("pids")),
+            disk_bytes=_int(m.get("disk_bytes")),
             extra=_extra(m, _names(cls)),
         )
 
@@ -217,6 +223,8 @@ class Sandbox:
     network: str
     workdir: str
     container_id: str | None
+    user: str = ""  # the user its commands run as by default ("uid:gid")
+    agent: str = ""  # its in-sandbox agent: "ready", "starting" or "unavailable"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -237,6 +245,8 @@ class Sandbox:
             network=_str(m.get("network")),
             workdir=_str(m.get("workdir")),
             container_id=_opt_str(m.get("container_id")),
+            user=_str(m.get("user")),
+            agent=_str(m.get("agent")),
             extra=_extra(m, _names(Sandbox)),
         )
 
@@ -285,6 +295,95 @@ class ExecResult:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self, ExecResult)
+
+
+@dataclass
+class ExecExit:
+    """How a streamed exec ended (``exec.exit``, ``exec.wait``): its own exit code."""
+
+    exit_code: int
+    timed_out: bool
+    duration: float
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "an exec exit")
+        return cls(
+            exit_code=_int(m.get("exit_code"), -1),
+            timed_out=_bool(m.get("timed_out")),
+            duration=_float(m.get("duration")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, ExecExit)
+
+
+@dataclass
+class ExecInfo:
+    """One exec of a sandbox, as ``exec.list`` shows it."""
+
+    exec_id: str
+    cmd: list[str]
+    running: bool
+    exit_code: int | None
+    detached: bool
+    tty: bool
+    started_at: str
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "an exec")
+        cmd = m.get("cmd")
+        code = m.get("exit_code")
+        return cls(
+            exec_id=_str(m.get("exec_id")),
+            cmd=[_str(c) for c in cmd] if isinstance(cmd, (list, tuple)) else [],
+            running=_bool(m.get("running")),
+            exit_code=None if code is None else _int(code, -1),
+            detached=_bool(m.get("detached")),
+            tty=_bool(m.get("tty")),
+            started_at=_str(m.get("started_at")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, ExecInfo)
+
+
+@dataclass
+class FileInfo:
+    """A file in a sandbox (``files.stat``, ``files.list``): ``mode`` has the type bits.
+
+    ``mtime`` is kept as the daemon sends it: an RFC 3339 string (see
+    ``parse_time``) or seconds since the epoch.
+    """
+
+    name: str
+    size: int
+    mode: int
+    is_dir: bool
+    mtime: str | float | None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "a file entry")
+        mtime: Any = m.get("mtime")
+        return cls(
+            name=_str(m.get("name")),
+            size=_int(m.get("size")),
+            mode=_int(m.get("mode")),
+            is_dir=_bool(m.get("is_dir")),
+            mtime=mtime if mtime is None else _str(mtime) if isinstance(
+                mtime, (str, bytes, bytearray)) else _float(mtime),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, FileInfo)
 
 
 @dataclass

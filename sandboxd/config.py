@@ -56,11 +56,15 @@ class Config:
     # Names this daemon's containers: two daemons on one engine never touch each other's.
     instance: str = "default"
     max_frame: int = 16 * MIB
+    max_file_chunk: int = 8 * MIB  # the most one files.read returns
     shutdown_grace: float = 10.0
     cleanup_on_exit: bool = False
     create_grace: float = 30.0  # a container created but never started is removed after this
     relist_interval: float = 30.0  # how often the engine's containers are re-listed
     engine_concurrency: int = 32  # engine calls at once; more wait their turn
+    # The in-sandbox agent binary: the one built with the package when unset; "none" runs
+    # sandboxes without it (every command then goes through the engine's exec).
+    agent_path: str | None = None
     log_level: str = "info"
     log_format: str = "auto"  # auto, json or console
     defaults: Defaults = field(default_factory=Defaults)
@@ -81,7 +85,7 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 _SIZE_KEYS = {
     "memory", "max_memory", "max_output", "max_frame", "max_input", "max_input_total", "disk",
-    "max_disk", "floor",
+    "max_disk", "floor", "max_file_chunk",
 }
 _LOG_LEVELS = {"debug", "info", "warning", "error"}
 

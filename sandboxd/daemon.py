@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 
 from sandboxd import systemd
+from sandboxd.agent import AgentMissing, agent_binary
 from sandboxd.backend.docker import DockerBackend
 from sandboxd.config import Config
 from sandboxd.core.records import SandboxRecord
@@ -41,15 +42,19 @@ from sandboxd.rpc.dispatcher import Dispatcher
 from sandboxd.rpc.methods.daemon import build_daemon_methods
 from sandboxd.rpc.methods.events import build_event_methods
 from sandboxd.rpc.methods.exec import build_exec_methods
+from sandboxd.rpc.methods.files import build_file_methods
 from sandboxd.rpc.methods.sandbox import build_sandbox_methods
 from sandboxd.rpc.server import RpcServer, StartupError, bind_unix_socket
+from sandboxd.services.agents import AgentHub
 from sandboxd.services.diskguard import DiskGuard
 from sandboxd.services.eventbus import EventBus
 from sandboxd.services.execs import ExecService
+from sandboxd.services.files import FileService
 from sandboxd.services.health import engine_info
 from sandboxd.services.reconcile import EngineWatcher, Reconciler
 from sandboxd.services.registry import Registry
 from sandboxd.services.sandboxes import SandboxService
+from sandboxd.services.streams import ExecStreams
 from sandboxd.services.tasks import cancel_and_wait
 from sandboxd.store.eventlog import EventLogError
 from sandboxd.store.state import StateStore
@@ -61,6 +66,21 @@ GC_THRESHOLD = 20_000
 STARTUP_SYNC_WAIT = 3.0  # seconds to wait for the engine before serving without it
 STEP_MIN = 0.5  # every shutdown step gets at least this long, even past the grace
 CLEANUP_EXTEND = 30.0  # seconds asked of systemd at a time while removing sandboxes
+
+
+def agent_path(config: Config) -> str | None:
+    """The agent binary sandboxes run, or None (then every command uses the engine)."""
+    if config.agent_path == "none":
+        return None
+    if config.agent_path:
+        if not os.access(config.agent_path, os.X_OK):
+            raise StartupError(f"agent_path: {config.agent_path} is not an executable file")
+        return config.agent_path
+    try:
+        return str(agent_binary())
+    except AgentMissing as exc:
+        log.warning("agent_missing", error=str(exc))
+        return None
 
 
 def make_is_admin(config: Config) -> Callable[[int, int, frozenset[int]], bool]:
@@ -100,6 +120,7 @@ class Daemon:
     bus: EventBus
     registry: Registry
     sandboxes: SandboxService
+    agents: AgentHub
     execs: ExecService
     watcher: EngineWatcher
     disk_guard: DiskGuard
@@ -141,13 +162,17 @@ async def build(config: Config) -> Daemon:
     registry = Registry(store)
     sandboxes = SandboxService(
         backend, registry, instance=config.instance, defaults=config.defaults,
-        policy=config.policy, quota=config.quota, publish=publish,
+        policy=config.policy, quota=config.quota, publish=publish, agent=agent_path(config),
     )
+    agents = AgentHub(backend, registry, publish)
+    registry.on_status.append(agents.follow)
     disk_guard = DiskGuard(backend, sandboxes, config.disk)
     execs = ExecService(
         backend, registry, sandboxes.deadlines, defaults=config.defaults,
-        policy=config.policy, quota=config.quota, publish=publish,
+        policy=config.policy, quota=config.quota, publish=publish, agents=agents,
     )
+    streams = ExecStreams(registry, execs, agents)
+    files = FileService(registry, agents, sandboxes.deadlines, max_chunk=config.max_file_chunk)
     try:
         await sandboxes.load()
     except (OSError, sqlite3.Error) as exc:
@@ -159,14 +184,16 @@ async def build(config: Config) -> Daemon:
     dispatcher = Dispatcher(
         build_daemon_methods(registry, functools.partial(engine_info, backend), disk_guard.info)
         + build_sandbox_methods(sandboxes, config.defaults, config.policy)
-        + build_exec_methods(execs, config.max_frame)
+        + build_exec_methods(execs, streams, config.max_frame)
+        + build_file_methods(files, config.max_frame)
         + build_event_methods(bus)
     )
     server = RpcServer(
         dispatcher, max_frame=config.max_frame, is_admin=is_admin, limits=config.limits
     )
     return Daemon(
-        config, backend, store, bus, registry, sandboxes, execs, watcher, disk_guard, server
+        config, backend, store, bus, registry, sandboxes, agents, execs, watcher, disk_guard,
+        server,
     )
 
 
@@ -222,6 +249,7 @@ async def serve(config: Config) -> int:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(d.watcher.synced.wait(), timeout=STARTUP_SYNC_WAIT)
         await d.server.start(sock)
+        d.agents.open_all()
         d.sandboxes.deadlines.start()
         d.disk_guard.start()
         watchdog = loop.create_task(notifier.run_watchdog())
@@ -311,6 +339,7 @@ async def shutdown(
         # and systemd is asked for more time before each one.
         await step("cleanup_on_exit", d.sandboxes.remove_all(progress), bounded=False)
     await step("reaper", d.execs.reaper.finish(within=min(2.0, left())))
+    await step("agents", d.agents.close_all())
     await step("scheduler", d.sandboxes.deadlines.stop())
     await step("disk_guard", d.disk_guard.stop())
     await step("engine_watch", d.watcher.stop())

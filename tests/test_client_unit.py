@@ -527,7 +527,7 @@ def test_cli_usage_error_exits_2(threaded_server: str) -> None:
 
 def test_cli_exec_raw_bytes_and_exit_code(threaded_server: str) -> None:
     runner = CliRunner()
-    res = runner.invoke(cli, ["--socket", threaded_server, "exec", "-i", "sb-1", "--", "cat"],
+    res = runner.invoke(cli, ["--socket", threaded_server, "exec", "--stdin", "sb-1", "--", "cat"],
                         input=b"\x01")
     assert res.exit_code == 3
     assert res.stdout_bytes == b"out\xff\x01"

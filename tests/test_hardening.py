@@ -58,15 +58,20 @@ async def test_default_container_is_hardened(make_sandbox: MakeSandbox) -> None:
     assert hc["Memory"] == 512 * MIB
     assert hc["MemorySwap"] == 512 * MIB
     assert hc["NanoCpus"] == 1_000_000_000
-    assert hc["Init"] is True
+    # The agent is the container's init (it reaps and supervises): no docker-init.
+    assert hc["Init"] is False
+    assert info["Config"]["Entrypoint"] == ["/.sandboxd/agent"]
     nofile = [u for u in hc["Ulimits"] or [] if u["Name"] == "nofile"]
     assert len(nofile) == 1 and 0 < nofile[0]["Soft"] <= nofile[0]["Hard"], hc["Ulimits"]
     assert hc["RestartPolicy"]["Name"] in ("no", "")
     assert hc["LogConfig"]["Type"] == "none"
     assert hc["Privileged"] is False
-    assert not hc.get("Binds")
+    # The one host path in a sandbox: the agent binary, read-only.
+    [agent_bind] = hc["Binds"]
+    assert agent_bind.endswith(":/.sandboxd/agent:ro")
     assert not hc.get("Mounts")
-    assert info["Mounts"] == []
+    [mount] = info["Mounts"]
+    assert (mount["Destination"], mount["RW"]) == ("/.sandboxd/agent", False)
     assert not hc.get("Devices")
     assert hc.get("PidMode", "") in ("", "private")
     assert hc.get("UsernsMode", "") == ""

@@ -3,8 +3,10 @@
 """The typed API on one side: the client, its sandbox handle and the event stream.
 
 This package owns the client's typed methods (``Client``), the sandbox
-handle (``BlockingSandbox``) and the resuming event stream
-(``BlockingEventStream``), all on ``connection.BlockingConnection``. The asyncio
+handle (``BlockingSandbox``), the resuming event stream (``BlockingEventStream``),
+the streamed process (``BlockingProcess`` with its stdin writer and output
+readers) and the chunked file transfers, all on
+``connection.BlockingConnection``. The asyncio
 modules are written by hand; ``scripts/unasync.py`` derives the blocking
 ones from them (every module but the hand-written ``_compat``), so no
 module here may use asyncio directly: what differs between the sides goes
@@ -13,5 +15,13 @@ through each side's ``_compat``.
 
 from .client import BlockingSandbox, Client
 from .events import BlockingEventStream
+from .process import BlockingProcess, BlockingStreamReader, BlockingStreamWriter
 
-__all__ = ["BlockingEventStream", "BlockingSandbox", "Client"]
+__all__ = [
+    "BlockingEventStream",
+    "BlockingProcess",
+    "BlockingSandbox",
+    "BlockingStreamReader",
+    "BlockingStreamWriter",
+    "Client",
+]

@@ -4,12 +4,15 @@
 
 This module owns one method per SPEC §3 call (``ping``, ``info``, ``create``,
 ``get``, ``list``, ``pause``, ``resume``, ``extend``, ``remove``, ``stats``,
-``exec``, ``events``), the generic ``call``/``notify``/``on_notification``,
-turning named arguments into wire params and replies into models, and the
-sandbox handle that acts on itself (``sb.exec(...)``). It must not touch
-sockets, msgids or asyncio (``connection`` and ``_compat`` do), nor import
-anything of ``sandboxd`` but ``sandboxd.wire``. Written once for both sides:
-``scripts/unasync.py`` derives the blocking module from the asyncio one.
+``exec``, ``start``, ``attach``, ``exec_list``, ``events``, and the files
+calls), the generic ``call``/``notify``/``on_notification``, turning named
+arguments into wire params and replies into models, and the sandbox handle
+that acts on itself (``sb.exec(...)``). The streamed process lives in
+``process`` and the chunked file transfers in ``files``: this module only
+exposes them. It must not touch sockets, msgids or asyncio (``connection``
+and ``_compat`` do), nor import anything of ``sandboxd`` but
+``sandboxd.wire``. Written once for both sides: ``scripts/unasync.py``
+derives the blocking module from the asyncio one.
 """
 
 from __future__ import annotations
@@ -23,12 +26,26 @@ from typing import Any, Self
 from .. import models
 from ..connection import DEFAULT_CLIENT_MAX_FRAME, BlockingConnection
 from ..exceptions import UnexpectedReply
-from ..models import DaemonInfo, ExecResult, Stats
+from ..models import DaemonInfo, ExecInfo, ExecResult, FileInfo, Stats
 from ..protocol import NotificationHandler, named_params
+from . import files
 from ._compat import connect_on_init
 from .events import DEFAULT_MAX_BUFFER, BlockingEventStream
+from .files import Data, Writable
+from .process import DEFAULT_MAX_BUFFER as DEFAULT_OUTPUT_BUFFER
+from .process import BlockingProcess, attach_process, start_process
 
 __all__ = ["BlockingSandbox", "Client"]
+
+
+def _argv(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` as the wire's argv; a plain string is refused (it would be split by nobody)."""
+    if isinstance(cmd, (str, bytes)):
+        raise TypeError(
+            "cmd must be a list of strings (an argv), not a string; "
+            "for a shell use ['sh', '-c', command]."
+        )
+    return [str(c) for c in cmd]
 
 
 class Client:
@@ -270,15 +287,10 @@ class Client:
         and everything it started; output over ``max_output`` bytes per stream
         is cut in the middle and ``truncated`` is set.
         """
-        if isinstance(cmd, (str, bytes)):
-            raise TypeError(
-                "cmd must be a list of strings (an argv), not a string; "
-                "for a shell use ['sh', '-c', command]."
-            )
         return ExecResult.from_wire(self.call(
             "sandbox.exec",
             id=id,
-            cmd=[str(c) for c in cmd],
+            cmd=_argv(cmd),
             env=dict(env) if env is not None else None,
             workdir=workdir,
             user=user,
@@ -286,6 +298,93 @@ class Client:
             timeout=timeout,
             max_output=max_output,
         ))
+
+    # -- streamed exec ------------------------------------------------------------
+
+    def start(
+        self,
+        id: str,
+        cmd: Sequence[str],
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        detach: bool = False,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        rows: int | None = None,
+        cols: int | None = None,
+        max_buffer: int | None = DEFAULT_OUTPUT_BUFFER,
+    ) -> BlockingProcess:
+        """``exec.start``: run ``cmd`` in sandbox ``id`` and stream it; the process at once.
+
+        ``stdin=True`` opens its stdin for ``proc.stdin.write``; ``tty=True``
+        gives it a terminal of ``rows`` x ``cols`` (all output is then
+        stdout); ``detach=True`` lets it outlive this connection (follow it
+        again with ``attach``); ``timeout`` (seconds) kills it and everything
+        it started. ``max_buffer`` bounds the unread output buffered per
+        stream (None: no bound); see the buffering rule in ``process``.
+        """
+        return start_process(self._conn, {
+            "id": id,
+            "cmd": _argv(cmd),
+            "env": dict(env) if env is not None else None,
+            "workdir": workdir,
+            "user": user,
+            "stdin": stdin or None,
+            "tty": tty or None,
+            "detach": detach or None,
+            "timeout": timeout,
+            "rows": rows,
+            "cols": cols,
+        }, stdin=stdin, tty=tty, max_buffer=max_buffer)
+
+    def attach(
+        self, exec_id: str, offset: int = 0, *, max_buffer: int | None = DEFAULT_OUTPUT_BUFFER
+    ) -> BlockingProcess:
+        """``exec.attach``: follow exec ``exec_id`` (a detached one) on this connection.
+
+        Its output is replayed from byte ``offset`` (stdout and stderr counted
+        together); ``proc.offset`` says where the replay really starts (later
+        when older output was dropped). A new attach, from any connection,
+        takes the exec over.
+        """
+        return attach_process(self._conn, exec_id, offset, max_buffer=max_buffer)
+
+    def exec_list(self, id: str) -> builtins.list[ExecInfo]:
+        """``exec.list``: the streamed execs of sandbox ``id``."""
+        reply = self.call("exec.list", id=id)
+        if not isinstance(reply, (builtins.list, tuple)):
+            raise UnexpectedReply(
+                f"Expected a list of execs from exec.list, got {type(reply).__name__}.")
+        return [ExecInfo.from_wire(item) for item in reply]
+
+    # -- files --------------------------------------------------------------------
+
+    def write_file(self, id: str, path: str, data: Data, *, mode: int | None = None) -> int:
+        """Write ``data`` (bytes, or a binary file read to its end) to ``path``; bytes written.
+
+        ``path`` is absolute in the sandbox; parents are created; the file is
+        replaced. It goes in pieces of at most 1 MiB.
+        """
+        return files.write_file(self._conn, id, path, data, mode)
+
+    def read_file(self, id: str, path: str) -> bytes:
+        """The contents of ``path`` (read in pieces of 1 MiB). ``NotFound`` if absent."""
+        return files.read_file(self._conn, id, path)
+
+    def read_file_into(self, id: str, path: str, file: Writable) -> int:
+        """Copy ``path`` into the binary ``file`` piece by piece (never whole in memory)."""
+        return files.read_file_into(self._conn, id, path, file)
+
+    def stat(self, id: str, path: str) -> FileInfo:
+        """``files.stat``: name, size, mode, is_dir, mtime of ``path``."""
+        return files.stat(self._conn, id, path)
+
+    def listdir(self, id: str, path: str) -> builtins.list[FileInfo]:
+        """``files.list``: the entries of the directory ``path``."""
+        return files.listdir(self._conn, id, path)
 
 
 @dataclass(eq=True)
@@ -320,6 +419,51 @@ class BlockingSandbox(models.Sandbox):
             self.id, cmd, env=env, workdir=workdir, user=user, stdin=stdin,
             timeout=timeout, max_output=max_output,
         )
+
+    def start(
+        self,
+        cmd: Sequence[str],
+        *,
+        stdin: bool = False,
+        tty: bool = False,
+        detach: bool = False,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        rows: int | None = None,
+        cols: int | None = None,
+        max_buffer: int | None = DEFAULT_OUTPUT_BUFFER,
+    ) -> BlockingProcess:
+        """Run ``cmd`` in this sandbox, streamed (see ``Client.start``)."""
+        return self._c().start(
+            self.id, cmd, stdin=stdin, tty=tty, detach=detach, env=env, workdir=workdir,
+            user=user, timeout=timeout, rows=rows, cols=cols, max_buffer=max_buffer,
+        )
+
+    def exec_list(self) -> builtins.list[ExecInfo]:
+        """The streamed execs of this sandbox."""
+        return self._c().exec_list(self.id)
+
+    def write_file(self, path: str, data: Data, *, mode: int | None = None) -> int:
+        """Write ``data`` (bytes or a binary file) to ``path`` here; bytes written."""
+        return self._c().write_file(self.id, path, data, mode=mode)
+
+    def read_file(self, path: str) -> bytes:
+        """The contents of ``path`` here."""
+        return self._c().read_file(self.id, path)
+
+    def read_file_into(self, path: str, file: Writable) -> int:
+        """Copy ``path`` here into the binary ``file``, piece by piece; bytes copied."""
+        return self._c().read_file_into(self.id, path, file)
+
+    def stat(self, path: str) -> FileInfo:
+        """What ``path`` is here."""
+        return self._c().stat(self.id, path)
+
+    def listdir(self, path: str) -> builtins.list[FileInfo]:
+        """The entries of the directory ``path`` here."""
+        return self._c().listdir(self.id, path)
 
     def refresh(self) -> Self:
         """Re-read this sandbox's state from the daemon."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -34,6 +33,8 @@ from sandboxd.wire.errors import ConnectionLost, EngineUnavailable, SandboxdErro
 
 from ..channels import BlockingChannel
 from ..connection import BlockingConnection
+from ..deadlines import deadline as _deadline
+from ..deadlines import remaining as _remaining
 from ..exceptions import ChannelClosed, ChannelOverflow
 from ..models import Event, _as_map, _int, _str
 from ..protocol import named_params
@@ -47,14 +48,6 @@ DEFAULT_MAX_BUFFER = 10_000
 _RETRYABLE = (ConnectionLost, ShuttingDown, EngineUnavailable)
 _UNSUBSCRIBE_TIMEOUT = 2.0
 _NOTIFICATIONS = ("event", "events.lagged")
-
-
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class BlockingEventStream:

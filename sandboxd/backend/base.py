@@ -48,6 +48,12 @@ class ContainerSpec:
     disk: int = 0  # bytes it may write in all; 0: no limit
     runtime: str | None = None  # the engine's runtime (e.g. "runsc"); None: its default
     workdir_owner: int | None = None  # a uid that must be able to write the workdir
+    # The in-sandbox agent (a host path): run as the main process, read-only, reached
+    # through ``Backend.attach``. None: an idle main process under the engine's init.
+    agent: str | None = None
+
+
+AGENT_PATH = "/.sandboxd/agent"  # where the agent is inside every sandbox that has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +131,33 @@ class ProcessStream(ABC):
         """Let go of the streams (never raises)."""
 
 
+class Channel(ABC):
+    """Bytes to and from a container's main process: its stdin and its stdout.
+
+    The engine's own framing is removed: ``read`` gives exactly what the main
+    process wrote to its stdout. Never half-closed (an engine may drop the whole
+    stream when its writing side closes).
+    """
+
+    @abstractmethod
+    async def read(self) -> bytes | memoryview | None:
+        """The next bytes the main process wrote (maybe a view: copy to keep them apart
+        from the stream); None when the stream ended."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Write to its stdin; waits while the engine does not take the bytes."""
+
+    @abstractmethod
+    def write_nowait(self, data: bytes) -> None:
+        """Queue bytes for its stdin without waiting (small frames whose number is bounded
+        by their sender); raises ``EngineUnavailable`` when the stream is gone."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Let go of the stream (never raises)."""
+
+
 class Process(ABC):
     """A process the engine started in a container."""
 
@@ -191,6 +224,10 @@ class Backend(ABC):
         """
 
     # -- processes and stats -------------------------------------------------
+
+    @abstractmethod
+    async def attach(self, container_id: str) -> Channel:
+        """The main process's stdin and stdout (containers made with an ``agent``)."""
 
     @abstractmethod
     async def exec(self, container_id: str, spec: ProcessSpec) -> Process:

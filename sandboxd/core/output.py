@@ -21,8 +21,8 @@ class OutputCapture:
     def __init__(self, limit: int) -> None:
         self.limit = max(0, limit)
         self.total = 0
-        self._head: list[bytes] = []  # the first bytes, up to _head_cap once truncated
-        self._tail: deque[bytes] = deque()  # the latest bytes, at least _tail_cap of them
+        self._head: list[bytes | memoryview] = []  # the first bytes, up to _head_cap once cut
+        self._tail: deque[bytes | memoryview] = deque()  # the latest, at least _tail_cap
         self._tail_size = 0
         # Room reserved for the marker so head + marker + tail stays within the limit.
         reserve = len(_marker(2**63))
@@ -33,7 +33,7 @@ class OutputCapture:
             self._head_cap = usable // 2
             self._tail_cap = usable - self._head_cap
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | memoryview) -> None:
         if not data:
             return
         before = self.total

@@ -25,6 +25,7 @@ LABEL_IDLE_TIMEOUT = "io.sandboxd.idle_timeout"
 LABEL_USER_PREFIX = "io.sandboxd.label."
 LABEL_UID = "io.sandboxd.uid"  # the sandbox's own unprivileged uid
 LABEL_DISK = "io.sandboxd.disk"
+LABEL_AGENT = "io.sandboxd.agent"  # "1": the sandbox's main process is the agent
 CONTAINER_PREFIX = "sandboxd-"
 
 
@@ -72,6 +73,8 @@ class SandboxRecord:
     uid: int | None = None  # its own unprivileged uid (None: ``user`` was asked for)
     user: str | None = None  # the user a caller asked for (root, or one the policy lists)
     disk: int = 0
+    has_agent: bool = False
+    agent: str = "unavailable"  # starting, ready, unavailable (then commands use the engine)
 
     @property
     def run_as(self) -> str:
@@ -96,6 +99,8 @@ class SandboxRecord:
             labels[LABEL_UID] = str(self.uid)
         if self.disk:
             labels[LABEL_DISK] = str(self.disk)
+        if self.has_agent:
+            labels[LABEL_AGENT] = "1"
         for key, value in self.labels.items():
             labels[LABEL_USER_PREFIX + key] = value
         return labels
@@ -119,6 +124,7 @@ class SandboxRecord:
                 "disk_bytes": self.disk,
             },
             "user": self.run_as,
+            "agent": self.agent,
             "network": self.network,
             "workdir": self.workdir,
             "container_id": self.container_id,
@@ -180,4 +186,5 @@ def record_from_labels(
         uid=own_uid,
         user=None if own_uid is not None else (user or None),
         disk=disk,
+        has_agent=labels.get(LABEL_AGENT) == "1",
     )

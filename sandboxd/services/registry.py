@@ -32,6 +32,7 @@ class Registry:
         self._changed: dict[str, float] = {}  # sandbox id -> when we last changed its status
         self._active: dict[str, int] = {}  # sandbox id -> activities running (commands)
         self.on_forget: list[Callable[[SandboxRecord], None]] = []
+        self.on_status: list[Callable[[SandboxRecord], None]] = []  # after each change
 
     # -- reading -----------------------------------------------------------
 
@@ -148,3 +149,5 @@ class Registry:
         record.status = status
         self._changed[record.id] = time.monotonic()
         await self.store.put(record)
+        for hook in self.on_status:
+            hook(record)

@@ -58,8 +58,10 @@ class SandboxService:
         policy: Policy,
         quota: Quota,
         publish: Publisher = _no_publish,
+        agent: str | None = None,
     ) -> None:
         self.backend = backend
+        self.agent = agent  # the agent binary on the host; None: sandboxes run without it
         self.registry = registry
         self.store = registry.store
         self.instance = instance
@@ -108,6 +110,7 @@ class SandboxService:
             last_activity_at=now,
             user=spec.user,
             disk=spec.disk,
+            has_agent=self.agent is not None,
         )
         # Reserve the id and name before the first await: concurrent creates see them.
         self.registry.reserve(record)
@@ -159,6 +162,7 @@ class SandboxService:
             disk=spec.disk,
             runtime=spec.runtime,
             workdir_owner=record.uid,
+            agent=self.agent,
         )
 
     async def _create_container(self, record: SandboxRecord, spec: CreateSpec) -> str:

@@ -19,6 +19,7 @@ import structlog
 
 from sandboxd.backend.base import (
     Backend,
+    Channel,
     ContainerEvent,
     ContainerInfo,
     ContainerSpec,
@@ -27,6 +28,7 @@ from sandboxd.backend.base import (
     ProcessSpec,
 )
 from sandboxd.backend.docker import disk
+from sandboxd.backend.docker.channel import DockerChannel
 from sandboxd.backend.docker.containerspec import container_config
 from sandboxd.backend.docker.engine import Engine
 from sandboxd.backend.docker.processes import DockerProcess
@@ -197,6 +199,9 @@ class DockerBackend(Backend):
             )
 
     # -- processes and stats -------------------------------------------------
+
+    async def attach(self, container_id: str) -> Channel:
+        return DockerChannel(await self.engine.attach(container_id))
 
     async def exec(self, container_id: str, spec: ProcessSpec) -> Process:
         return await DockerProcess.start(self.engine, container_id, spec)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sandboxd.backend.base import ContainerSpec
+from sandboxd.backend.base import AGENT_PATH, ContainerSpec
 
 
 def container_config(
@@ -76,4 +76,17 @@ def container_config(
     }
     if spec.user:
         body["User"] = spec.user
+    if spec.agent is not None:
+        # The agent is the main process and the init (it reaps and supervises), reached
+        # over the attach stream: stdin stays open across attaches, output is framed.
+        host["Init"] = False
+        host["Binds"] = [f"{spec.agent}:{AGENT_PATH}:ro"]
+        body.update(
+            Entrypoint=[AGENT_PATH],
+            AttachStdin=True,
+            AttachStdout=True,
+            AttachStderr=True,
+            OpenStdin=True,
+            StdinOnce=False,
+        )
     return body

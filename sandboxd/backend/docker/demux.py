@@ -32,14 +32,18 @@ class Demuxer:
         return bool(self._header) or self._remaining > 0
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
+        return [(stream, bytes(piece)) for stream, piece in self.feed_views(data)]
+
+    def feed_views(self, data: bytes) -> list[tuple[int, memoryview]]:
+        """As ``feed``, but each piece is a view into ``data`` (no copy)."""
+        out: list[tuple[int, memoryview]] = []
         view = memoryview(data)
         pos = 0
         end = len(view)
         while pos < end:
             if self._remaining:
                 take = min(self._remaining, end - pos)
-                out.append((self._stream, bytes(view[pos : pos + take])))
+                out.append((self._stream, view[pos : pos + take]))
                 pos += take
                 self._remaining -= take
                 continue

@@ -110,6 +110,14 @@ class RawStream:
                     "The process's input stream is closed.", {"engine_message": _text(exc)}
                 ) from None
 
+    def write_nowait(self, data: bytes) -> None:
+        """Queue bytes on the connection without waiting for it to drain."""
+        resp = self._stream._resp  # aiodocker has no public non-waiting write
+        transport = resp.connection.transport if resp and resp.connection else None
+        if transport is None or transport.is_closing():
+            raise EngineUnavailable("The stream to the container is closed.")
+        transport.write(data)
+
     def close_stdin(self) -> None:
         """Half-close: the process sees end-of-file on its stdin."""
         # aiodocker has no public half-close: its close() also drops the read side.
@@ -312,6 +320,23 @@ class Engine:
 
         stream = Stream(self.streams, setup, None)
         with translate("start an exec"):
+            await stream.__aenter__()
+        return RawStream(stream)
+
+    async def attach(self, cid: str) -> RawStream:
+        """The container's stdin, stdout and stderr as one raw hijacked stream."""
+        # Raw for the same reason as exec_start; and aiodocker's attach() inspects the
+        # container first to learn whether it has a TTY (ours never do).
+        url = URL(f"containers/{cid}/attach").with_query(
+            {"stream": "1", "stdin": "1", "stdout": "1", "stderr": "1", "logs": "0",
+             "detachKeys": ""}
+        )
+
+        async def setup() -> tuple[URL, bytes | None, bool]:
+            return url, None, True
+
+        stream = Stream(self.streams, setup, None)
+        with translate("attach to the container"):
             await stream.__aenter__()
         return RawStream(stream)
 
