@@ -3,10 +3,11 @@
 The client here is deliberately independent of ``sandboxd`` and
 ``sandboxd_client``: it speaks SPEC §2 with nothing but ``msgpack`` and
 ``asyncio.open_unix_connection``, so a benchmark measures the daemon, not a
-client library that changes with it. The module also holds the percentile
-maths, a small fixed-width table printer, per-process CPU accounting read
-from /proc (to tell whether the daemon or the benchmark's own client was the
-bottleneck) and the JSON report writer.
+client library that changes with it; ``ExecFollower`` on top of it follows
+streamed commands (``exec.output`` / ``exec.exit`` notifications). The module
+also holds the percentile maths, a small fixed-width table printer,
+per-process CPU accounting read from /proc (to tell whether the daemon or the
+benchmark's own client was the bottleneck) and the JSON report writer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,8 @@ class RpcClient:
     """A minimal msgpack-RPC client on one Unix socket connection.
 
     Many calls may be in flight; replies are matched by msgid. Notifications
-    are counted and dropped (the benchmarks subscribe to nothing).
+    are counted, and handed to ``on_notification(method, params)`` when it is
+    set (``ExecFollower`` sets it); otherwise dropped.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -63,6 +65,7 @@ class RpcClient:
         self._ids = itertools.count(1)
         self._packer = msgpack.Packer(use_bin_type=True)
         self.notifications = 0
+        self.on_notification: Callable[[str, list[Any]], None] | None = None
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
@@ -123,6 +126,10 @@ class RpcClient:
             return
         if msg[0] == NOTIFICATION:
             self.notifications += 1
+            handler = self.on_notification
+            if handler is not None and len(msg) == 3 and isinstance(msg[2], list):
+                method = msg[1].decode() if isinstance(msg[1], bytes) else str(msg[1])
+                handler(method, msg[2])
             return
         if msg[0] != RESPONSE or len(msg) != 4:
             return
@@ -146,6 +153,86 @@ class RpcClient:
         self._reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader_task
+
+
+class StreamedExec:
+    """What one connection has received of one streamed command (SPEC §3 exec.start)."""
+
+    def __init__(self, exec_id: str, keep_output: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.exec_id = exec_id
+        self.bytes = {"stdout": 0, "stderr": 0}
+        self.chunks: list[bytes] | None = [] if keep_output else None
+        self.first_output: asyncio.Future[float] = loop.create_future()  # its perf_counter
+        self.exit: asyncio.Future[dict[str, Any]] = loop.create_future()  # the exit map
+
+    @property
+    def received(self) -> int:
+        return self.bytes["stdout"] + self.bytes["stderr"]
+
+    def output(self, stream: str, data: bytes) -> None:
+        if not self.first_output.done():
+            self.first_output.set_result(time.perf_counter())
+        self.bytes[stream] = self.bytes.get(stream, 0) + len(data)
+        if self.chunks is not None:
+            self.chunks.append(data)
+
+    def fail(self, exc: BaseException) -> None:
+        for fut in (self.first_output, self.exit):
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: no "never retrieved" warning when unused
+
+
+class ExecFollower:
+    """Routes one connection's ``exec.output`` and ``exec.exit`` notifications by exec id.
+
+    A command's record is made on its first mention, so output that arrives
+    before the ``exec.start``/``exec.attach`` reply is not lost. Output is
+    counted (and kept only with ``keep_output``); ``forget`` drops a record.
+    """
+
+    def __init__(self, rpc: RpcClient, keep_output: bool = False) -> None:
+        self.rpc = rpc
+        self.keep_output = keep_output
+        self._execs: dict[str, StreamedExec] = {}
+        rpc.on_notification = self._notified
+        rpc._reader_task.add_done_callback(lambda _: self._lost())
+
+    def watch(self, exec_id: str) -> StreamedExec:
+        found = self._execs.get(exec_id)
+        if found is None:
+            found = self._execs[exec_id] = StreamedExec(exec_id, self.keep_output)
+            if self.rpc._reader_task.done():
+                found.fail(RpcConnectionLost("the connection is closed"))
+        return found
+
+    def forget(self, exec_id: str) -> None:
+        self._execs.pop(exec_id, None)
+
+    async def start(self, params: dict[str, Any]) -> StreamedExec:
+        """``exec.start`` (params as SPEC §3); the record its notifications fill."""
+        reply = await self.rpc.call("exec.start", params)
+        return self.watch(str(reply["exec_id"]))
+
+    async def attach(self, exec_id: str, offset: int = 0) -> tuple[StreamedExec, int]:
+        """``exec.attach``; the record and the offset the replay really starts at."""
+        self.forget(exec_id)
+        watch = self.watch(exec_id)
+        reply = await self.rpc.call("exec.attach", {"exec_id": exec_id, "offset": offset})
+        return watch, int(reply["offset"])
+
+    def _notified(self, method: str, params: list[Any]) -> None:
+        if method == "exec.output" and len(params) == 3:
+            self.watch(str(params[0])).output(str(params[1]), bytes(params[2]))
+        elif method == "exec.exit" and len(params) == 2:
+            fut = self.watch(str(params[0])).exit
+            if not fut.done():
+                fut.set_result(params[1] if isinstance(params[1], dict) else {})
+
+    def _lost(self) -> None:
+        for watch in self._execs.values():
+            watch.fail(RpcConnectionLost("the connection closed before the command ended"))
 
 
 def peer_pid(sock: socket.socket) -> int:

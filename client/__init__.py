@@ -11,16 +11,19 @@ Layout: ``connection`` (the only socket I/O: ``AsyncConnection`` and
 ``BlockingConnection``) on ``protocol`` (sans-IO routing) and ``channels``
 (notification queues, with per-stream lanes for exec output); the typed API
 written once in ``_async`` (``client``, ``events``, ``process`` for streamed
-execs, ``files`` for chunked transfers) and generated into ``_sync`` by
-``scripts/unasync.py``; ``models``, ``paths``, ``exceptions``, ``deadlines``;
-``cli`` (``sandboxctl``) with ``relay`` (a process to local fds),
-``terminal`` (raw mode, SIGWINCH) and ``transfer`` (``cp``).
+execs, ``files`` for chunked transfers, ``pulls`` for image pulls with
+progress) and generated into ``_sync`` by ``scripts/unasync.py``; ``models``,
+``paths``, ``exceptions``, ``deadlines``; ``cli`` (``sandboxctl``) with
+``relay`` (a process to local fds), ``terminal`` (raw mode, SIGWINCH) and
+``transfer`` (``cp``).
 
     async with SandboxClient() as c:
         sb = await c.create(ttl=60)
         r = await sb.exec(["echo", "hi"])
         proc = await sb.start(["cat"], stdin=True)
         out, err = await proc.communicate(b"hi")
+        snap = await sb.snapshot("work")  # its filesystem as an image
+        fork = await c.create(image=snap.ref)  # a copy of the sandbox
 
     with Client() as c:
         print(c.create(ttl=60).exec(["echo", "hi"]).stdout)
@@ -65,14 +68,19 @@ from .models import (
     CallerInfo,
     DaemonInfo,
     EngineInfo,
+    EnsureResult,
     Event,
     ExecExit,
     ExecInfo,
     ExecResult,
     FileInfo,
+    ImageInfo,
     Limits,
     Owner,
+    PoolInfo,
+    PullProgress,
     Sandbox,
+    Snapshot,
     Stats,
     parse_time,
 )
@@ -106,12 +114,14 @@ __all__ = [
     "EngineError",
     "EngineInfo",
     "EngineUnavailable",
+    "EnsureResult",
     "Event",
     "EventStream",
     "ExecExit",
     "ExecInfo",
     "ExecResult",
     "FileInfo",
+    "ImageInfo",
     "InternalError",
     "InvalidParams",
     "InvalidRequest",
@@ -121,11 +131,14 @@ __all__ = [
     "NotificationHandler",
     "Owner",
     "PermissionDenied",
+    "PoolInfo",
+    "PullProgress",
     "QuotaExceeded",
     "Sandbox",
     "SandboxClient",
     "SandboxdError",
     "ShuttingDown",
+    "Snapshot",
     "Stats",
     "TooLarge",
     "UnexpectedReply",

@@ -7,7 +7,9 @@ click does); never a traceback. ``--socket`` and ``--json`` are accepted both
 before the command name and after it; the command's own value wins. The
 streamed commands (``exec -i/-t/-d``, ``attach``) hand their process to
 ``relay`` (the concurrent stdin and output flows) inside ``terminal``'s raw
-mode where there is one; ``cp`` hands its two ends to ``transfer``. It talks
+mode where there is one; ``cp`` hands its two ends to ``transfer``. ``image
+pull`` renders the pull's progress events (``PullView``): one bar redrawn in
+place on a terminal, one plain line per status change otherwise. It talks
 to the daemon only through the blocking ``Client``; it must not speak the
 wire protocol itself, nor import aiodocker or the daemon.
 """
@@ -19,10 +21,11 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -33,7 +36,21 @@ from sandboxd.wire.version import __version__
 
 from . import terminal, transfer
 from ._sync.client import Client
-from .models import DaemonInfo, Event, ExecExit, ExecInfo, ExecResult, Sandbox, Stats, parse_time
+from .models import (
+    DaemonInfo,
+    EnsureResult,
+    Event,
+    ExecExit,
+    ExecInfo,
+    ExecResult,
+    ImageInfo,
+    PoolInfo,
+    PullProgress,
+    Sandbox,
+    Snapshot,
+    Stats,
+    parse_time,
+)
 from .relay import relay
 
 T = TypeVar("T")
@@ -184,6 +201,14 @@ def _ago_or_in(when: str | None, *, never: str = "never") -> str:
     return "in " + _human_duration(delta)
 
 
+def _ago(when: str | None) -> str:
+    """How long ago an RFC 3339 time was: ``5m03s ago`` (the string itself if unreadable)."""
+    t = parse_time(when)
+    if t is None:
+        return when or "-"
+    return _human_duration(max(0.0, (datetime.now(UTC) - t).total_seconds())) + " ago"
+
+
 def _human_duration(seconds: float) -> str:
     s = int(seconds)
     if s < 60:
@@ -282,7 +307,7 @@ def exec_json(result: ExecResult) -> dict[str, Any]:
 @click.version_option(__version__, prog_name=PROG)
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
-    """Control sandboxd: create sandboxes, run commands in them, remove them.
+    """Control sandboxd: create sandboxes, run commands in them, snapshot and remove them.
 
     --socket and --json go before the command or after it (the command's own
     value wins). Errors print one line, "sandboxctl: CODE: MESSAGE", on stderr
@@ -324,9 +349,17 @@ def info(ctx: click.Context) -> None:
         ("caller", f"uid={caller.uid} gid={caller.gid} pid={caller.pid}"
                    + (" (admin)" if caller.admin else "")),
     ]
-    if result.pool:
-        pairs.append(("pool", json.dumps(result.pool, default=_json_default)))
+    pairs += pool_pairs(result.pool)
     click.echo(listing(pairs))
+
+
+def pool_pairs(pools: Mapping[str, PoolInfo]) -> list[tuple[str, str]]:
+    """``info``'s lines for the warm pools: one ``pool NAME`` line each, or ``pool: none``."""
+    if not pools:
+        return [("pool", "none")]
+    return [(f"pool {name}", f"{p.image}: {p.ready}/{p.size} ready, {p.starting} starting, "
+                             f"{p.claims} claims, {p.misses} misses")
+            for name, p in sorted(pools.items())]
 
 
 @cli.command()
@@ -852,36 +885,293 @@ def rm(ctx: click.Context, sandbox_ids: tuple[str, ...], force: bool) -> None:
 
     Every ID is attempted; if any failed, exit 1 after reporting each failure.
     """
+    _remove_each(ctx, sandbox_ids, force, lambda c, sid: c.remove(sid), key="id")
+
+
+def _remove_each(ctx: click.Context, names: Sequence[str], force: bool,
+                 remove: Callable[[Client, str], None], *, key: str) -> None:
+    """Remove each of ``names``, print each one removed, report each failure, exit 1 if any.
+
+    ``force`` counts a ``not_found`` as removed. With --json, one array of
+    ``{<key>, removed, error}`` objects.
+    """
 
     def remove_all(c: Client) -> list[tuple[str, SandboxdError | None]]:
         outcome: list[tuple[str, SandboxdError | None]] = []
-        for sid in sandbox_ids:
+        for name in names:
             try:
-                c.remove(sid)
-                outcome.append((sid, None))
+                remove(c, name)
+                outcome.append((name, None))
             except NotFound as err:
-                outcome.append((sid, None if force else err))
+                outcome.append((name, None if force else err))
             except ConnectionLost:
                 raise
             except SandboxdError as err:
-                outcome.append((sid, err))
+                outcome.append((name, err))
         return outcome
 
     outcome = run(ctx, remove_all)
     if settings(ctx).json:
-        emit_json([{"id": sid, "removed": err is None,
+        emit_json([{key: name, "removed": err is None,
                     "error": None if err is None else {"code": err.code, "message": err.message}}
-                   for sid, err in outcome])
+                   for name, err in outcome])
     failed = False
-    for sid, err in outcome:
+    for name, err in outcome:
         if err is None:
             if not settings(ctx).json:
-                click.echo(sid)
+                click.echo(name)
         else:
             failed = True
             click.echo(f"{PROG}: {_error_line(err)}", err=True)
     if failed:
         ctx.exit(1)
+
+
+@cli.command()
+@click.argument("sandbox_id", metavar="SANDBOX")
+@click.argument("ref", required=False)
+@common_options("Print {ref, id} as JSON.")
+@click.pass_context
+def snapshot(ctx: click.Context, sandbox_id: str, ref: str | None) -> None:
+    """Save a sandbox's filesystem as an image; print its reference.
+
+    REF is NAME or NAME:TAG (lowercase letters, digits, '.', '_', '-'); the
+    image is sandboxd-snapshot/u<UID>/NAME:TAG (by default NAME is the
+    sandbox's name and TAG a timestamp). `sandboxctl create --image REF`
+    starts a copy of the sandbox; `sandboxctl image rm REF` removes it.
+    """
+    snap: Snapshot = run(ctx, lambda c: c.snapshot(sandbox_id, ref))
+    if settings(ctx).json:
+        emit_json(snap.to_dict())
+    else:
+        click.echo(snap.ref)
+
+
+# -- images ------------------------------------------------------------------
+
+
+@cli.group()
+@common_options()
+def image() -> None:
+    """List, pull and remove images (remove: your snapshots only)."""
+
+
+def _short_id(image_id: str) -> str:
+    """An image id as ``docker images`` shows it: 12 hex digits, without ``sha256:``."""
+    return image_id.removeprefix("sha256:")[:12]
+
+
+@image.command("ls")
+@common_options()
+@click.pass_context
+def image_ls(ctx: click.Context) -> None:
+    """List the images you may use and your snapshots (all images, for an admin)."""
+    images: list[ImageInfo] = run(ctx, lambda c: c.images())
+    if settings(ctx).json:
+        emit_json([i.to_dict() for i in images])
+        return
+    rows = [[i.ref, _short_id(i.id), _human_bytes(i.size), _ago(i.created_at)] for i in images]
+    click.echo(table(["REF", "ID", "SIZE", "CREATED"], rows))
+
+
+_LAYER_DOWNLOADED = frozenset({"Verifying Checksum", "Download complete", "Extracting",
+                               "Pull complete", "Already exists"})
+_LAYER_DONE = frozenset({"Pull complete", "Already exists"})
+_LAYER_WAITING = frozenset({"Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum",
+                            "Retrying"})
+
+
+@dataclass
+class _Layer:
+    status: str = ""
+    total: int | None = None  # bytes (compressed), once the engine said
+    downloaded: int = 0
+    extracted: int = 0
+
+
+@dataclass
+class PullView:
+    """One pull as its progress events tell it: per layer, summed up for one bar.
+
+    ``update(progress)`` takes each event and returns the plain line to print
+    when its status is new for its layer (``None`` for a mere byte count);
+    ``bar(width)`` is the one-line summary redrawn on a terminal: phase, a
+    bar of the layers' bytes downloaded and then extracted (each half the
+    way), bytes downloaded of their total, layers complete. Events may be
+    dropped on the way (the daemon sends at most ~10 a second), so nothing
+    here relies on seeing every step; ``finish()`` marks the pull done.
+    """
+
+    ref: str
+    layers: dict[str, _Layer] = field(default_factory=dict)
+    status: str = ""  # the pull's own latest status ("Pulling from ...", "Digest: ...")
+    done: bool = False
+    _shown: dict[str | None, str] = field(default_factory=dict)
+
+    @staticmethod
+    def _is_layer(p: PullProgress) -> bool:
+        # The pull's own lines carry no id, or the tag ("latest: Pulling from library/x").
+        return p.id is not None and not p.status.startswith("Pulling from")
+
+    def update(self, p: PullProgress) -> str | None:
+        """Take one progress event; the line to print if its status changed, else None."""
+        if self._is_layer(p):
+            assert p.id is not None
+            layer = self.layers.setdefault(p.id, _Layer())
+            layer.status = p.status
+            if p.total:
+                layer.total = max(p.total, layer.total or 0)
+            if p.status == "Downloading" and p.current is not None:
+                layer.downloaded = p.current
+            elif p.status in _LAYER_DOWNLOADED:
+                layer.downloaded = layer.total or layer.downloaded
+            if p.status == "Extracting" and p.current is not None:
+                layer.extracted = p.current
+            elif p.status in _LAYER_DONE:
+                layer.extracted = layer.total or layer.extracted
+        elif p.status:
+            self.status = p.status
+        if not p.status or self._shown.get(p.id) == p.status:
+            return None
+        self._shown[p.id] = p.status
+        return f"{p.id}: {p.status}" if p.id else p.status
+
+    def finish(self) -> None:
+        """The pull is over: every layer is complete."""
+        self.done = True
+        for layer in self.layers.values():
+            layer.status = "Pull complete"
+            layer.downloaded = layer.extracted = layer.total or 0
+
+    def totals(self) -> tuple[int, int]:
+        """Bytes downloaded and to download, over the layers whose size is known."""
+        sized = [la for la in self.layers.values() if la.total]
+        return (sum(min(la.downloaded, la.total or 0) for la in sized),
+                sum(la.total or 0 for la in sized))
+
+    def fraction(self) -> float:
+        """How far the pull is, 0 to 1: download then extraction, weighed by layer size."""
+        if self.done:
+            return 1.0
+        sized = [la for la in self.layers.values() if la.total]
+        whole = sum(la.total or 0 for la in sized)
+        if not whole:
+            return 0.0
+        got = sum(min(la.downloaded, la.total or 0) + min(la.extracted, la.total or 0)
+                  for la in sized)
+        return min(1.0, got / (2 * whole))
+
+    def phase(self) -> str:
+        if self.done:
+            return "pulled"
+        statuses = [la.status for la in self.layers.values()]
+        if any(s in _LAYER_WAITING for s in statuses):
+            return "downloading"
+        if any(s not in _LAYER_DONE for s in statuses):
+            return "extracting"
+        return "pulling"
+
+    def bar(self, width: int = 80) -> str:
+        """The one-line summary, at most ``width`` characters."""
+        got, whole = self.totals()
+        complete = sum(1 for la in self.layers.values() if la.status in _LAYER_DONE)
+        fraction = self.fraction()
+        tail = (f" {fraction * 100:3.0f}%"
+                + (f" {_human_bytes(got)}/{_human_bytes(whole)}" if whole else "")
+                + (f" {complete}/{len(self.layers)} layers" if self.layers else ""))
+        phase = f"{self.phase():<11}"  # padded: the bar stays put as the phase changes
+        room = width - len(phase) - len(tail) - 4  # for the ref and the bar's cells
+        cells = max(10, min(30, room - len(self.ref)))
+        ref = self.ref
+        if len(ref) > room - cells:  # a long ref is cut, never the bar or the numbers
+            keep = room - cells - 1
+            ref = ref[:keep] + "~" if keep > 0 else ""
+        filled = int(fraction * cells)
+        return f"{phase} {ref} [{'#' * filled}{'-' * (cells - filled)}]{tail}"[:width]
+
+
+class _Redraw:
+    """One terminal line rewritten in place with ``\r`` (padded over the previous text)."""
+
+    def __init__(self) -> None:
+        self.width = 0
+
+    def draw(self, text: str) -> None:
+        click.echo("\r" + text.ljust(self.width), nl=False)
+        self.width = len(text)
+
+    def end(self) -> None:
+        if self.width:
+            click.echo()
+            self.width = 0
+
+
+def _stdout_is_terminal() -> bool:
+    fd = _fileno(sys.stdout)
+    return fd is not None and terminal.is_terminal(fd)
+
+
+@image.command("pull")
+@click.argument("ref")
+@common_options("Print only the result, {ref, id, pulled}, as JSON.")
+@click.pass_context
+def image_pull(ctx: click.Context, ref: str) -> None:
+    """Make sure image REF is present, pulling it when missing.
+
+    On a terminal a progress bar is redrawn on one line; otherwise one line
+    is printed per status change of each layer (as `docker pull` does).
+    Then the reference, the image id, and whether it had to be pulled.
+    Ctrl-C stops waiting; the daemon finishes the pull regardless.
+    """
+    as_json = settings(ctx).json
+    on_tty = not as_json and _stdout_is_terminal()
+    view = PullView(ref)
+    line = _Redraw()
+
+    def show(progress: PullProgress) -> None:
+        changed = view.update(progress)
+        if on_tty:
+            line.draw(view.bar(shutil.get_terminal_size().columns - 1))
+        elif changed is not None:
+            click.echo(changed)
+
+    try:
+        result: EnsureResult = run(ctx, lambda c: c.ensure_image(
+            ref, on_progress=None if as_json else show))
+    except KeyboardInterrupt:
+        line.end()
+        click.echo(f"{PROG}: stopped waiting; the daemon finishes the pull.", err=True)
+        ctx.exit(130)
+    except BaseException:
+        line.end()
+        raise
+    if line.width:
+        view.finish()
+        line.draw(view.bar(shutil.get_terminal_size().columns - 1))
+        line.end()
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(listing([
+        ("ref", result.ref),
+        ("id", result.id),
+        ("pulled", "yes" if result.pulled else "no (already present)"),
+    ]))
+
+
+@image.command("rm")
+@click.argument("refs", metavar="REF...", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Do not fail on images that do not exist.")
+@common_options("Print a JSON array: one {ref, removed, error} object per REF.")
+@click.pass_context
+def image_rm(ctx: click.Context, refs: tuple[str, ...], force: bool) -> None:
+    """Remove snapshots of yours (an admin: anyone's); print each REF removed.
+
+    Only snapshots are removed through sandboxd: any other image is
+    not_found to you (permission_denied to an admin). Every REF is
+    attempted; if any failed, exit 1 after reporting each failure.
+    """
+    _remove_each(ctx, refs, force, lambda c, ref: c.remove_image(ref), key="ref")
 
 
 def _event_value(value: Any) -> str:

@@ -2,7 +2,8 @@
 
 This module owns the dataclasses ``Sandbox`` (its data part), ``Owner``,
 ``Limits``, ``ExecResult``, ``ExecExit``, ``ExecInfo``, ``FileInfo``,
-``Stats``, ``DaemonInfo``, ``Event`` and friends,
+``Stats``, ``DaemonInfo`` (with ``PoolInfo``), ``Event``, the image models
+``ImageInfo``, ``EnsureResult``, ``PullProgress`` and ``Snapshot``, and friends,
 their liberal ``from_wire`` constructors and their ``to_dict`` views. It must
 not do any I/O or know about connections: the sandbox *handles* that can act
 (``sb.exec(...)``) are subclasses defined by the typed API (``_async.client``,
@@ -27,14 +28,19 @@ __all__ = [
     "CallerInfo",
     "DaemonInfo",
     "EngineInfo",
+    "EnsureResult",
     "Event",
     "ExecExit",
     "ExecInfo",
     "ExecResult",
     "FileInfo",
+    "ImageInfo",
     "Limits",
     "Owner",
+    "PoolInfo",
+    "PullProgress",
     "Sandbox",
+    "Snapshot",
     "Stats",
     "parse_time",
 ]
@@ -91,6 +97,10 @@ def _float(value: Any, default: float = 0.0) -> float:
 
 def _opt_float(value: Any) -> float | None:
     return None if value is None else _float(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else _int(value)
 
 
 def _bool(value: Any) -> bool:
@@ -462,15 +472,49 @@ class CallerInfo:
 
 
 @dataclass
+class PoolInfo:
+    """One warm pool of ``daemon.info``: its image, target size, and how it is doing.
+
+    ``ready`` containers wait to be claimed, ``starting`` ones are on their
+    way; ``claims`` counts creates served from the pool, ``misses`` those
+    that found it empty.
+    """
+
+    image: str
+    size: int
+    ready: int
+    claims: int
+    misses: int
+    starting: int
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = data if isinstance(data, Mapping) else {}
+        return cls(
+            image=_str(m.get("image")),
+            size=_int(m.get("size")),
+            ready=_int(m.get("ready")),
+            claims=_int(m.get("claims")),
+            misses=_int(m.get("misses")),
+            starting=_int(m.get("starting")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, PoolInfo)
+
+
+@dataclass
 class DaemonInfo:
-    """The reply of ``daemon.info``."""
+    """The reply of ``daemon.info``; ``pool`` maps each warm pool's name to its state."""
 
     version: str
     api_version: int
     engine: EngineInfo
     sandboxes: int
     uptime: float
-    pool: dict[str, Any]
+    pool: dict[str, PoolInfo]
     caller: CallerInfo
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -484,7 +528,8 @@ class DaemonInfo:
             engine=EngineInfo.from_wire(m.get("engine")),
             sandboxes=_int(m.get("sandboxes")),
             uptime=_float(m.get("uptime")),
-            pool=dict(pool) if isinstance(pool, Mapping) else {},
+            pool={_str(name): PoolInfo.from_wire(p) for name, p in pool.items()}
+            if isinstance(pool, Mapping) else {},
             caller=CallerInfo.from_wire(m.get("caller")),
             extra=_extra(m, _names(cls)),
         )
@@ -524,3 +569,112 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self, Event)
+
+
+# -- images --------------------------------------------------------------------
+
+
+@dataclass
+class ImageInfo:
+    """One image reference of ``image.list``: an image with several tags is listed once per tag.
+
+    ``id`` is the engine's (``sha256:...``), ``size`` in bytes, ``created_at``
+    an RFC 3339 UTC string (see ``parse_time``).
+    """
+
+    ref: str
+    id: str
+    size: int
+    created_at: str
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "an image")
+        return cls(
+            ref=_str(m.get("ref")),
+            id=_str(m.get("id")),
+            size=_int(m.get("size")),
+            created_at=_str(m.get("created_at")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, ImageInfo)
+
+
+@dataclass
+class EnsureResult:
+    """The reply of ``image.ensure``: the image's id, and whether this call had to pull it."""
+
+    ref: str
+    id: str
+    pulled: bool
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "the image.ensure reply")
+        return cls(
+            ref=_str(m.get("ref")),
+            id=_str(m.get("id")),
+            pulled=_bool(m.get("pulled")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, EnsureResult)
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """The data of one ``image.pull.progress`` event: the engine's word on a pull.
+
+    ``id`` is a layer's id for a layer's steps (``"Downloading"``,
+    ``"Pull complete"``, ...), or whatever the engine puts there (the tag,
+    None) for the pull's own steps (``"Pulling from ..."``, ``"Digest: ..."``).
+    ``current`` and ``total`` are bytes where the engine counts them, else None.
+    """
+
+    ref: str
+    id: str | None
+    status: str
+    current: int | None = None
+    total: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "pull progress")
+        return cls(
+            ref=_str(m.get("ref")),
+            id=_opt_str(m.get("id")),
+            status=_str(m.get("status")),
+            current=_opt_int(m.get("current")),
+            total=_opt_int(m.get("total")),
+            extra=_extra(m, _names(cls)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, PullProgress)
+
+
+@dataclass
+class Snapshot:
+    """The reply of ``sandbox.snapshot``: the new image's reference and id.
+
+    ``ref`` is ``sandboxd-snapshot/u<uid>/<name>:<tag>``; create a sandbox
+    with ``image=ref`` to start a copy (a fork), ``remove_image(ref)`` to drop it.
+    """
+
+    ref: str
+    id: str
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        m = _as_map(data, "the sandbox.snapshot reply")
+        return cls(ref=_str(m.get("ref")), id=_str(m.get("id")), extra=_extra(m, _names(cls)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self, Snapshot)

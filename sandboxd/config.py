@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sandboxd.core.settings import Defaults, DiskSettings, Policy, Quota
+from sandboxd.core.policy import resolve_create
+from sandboxd.core.settings import Defaults, DiskSettings, Policy, PoolSettings, Quota
 from sandboxd.rpc.limits import Limits
+from sandboxd.wire.errors import SandboxdError
 from sandboxd.wire.units import parse_size
 
 MIB = 1024 * 1024
@@ -73,6 +75,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     limits: Limits = field(default_factory=Limits)
     disk: DiskSettings = field(default_factory=DiskSettings)
+    pools: list[PoolSettings] = field(default_factory=list)  # [[pool]] tables
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -125,7 +128,8 @@ def _fill(obj: Any, table: Mapping[str, Any], where: str) -> None:
     known = {f.name: f for f in fields(obj)}
     for name, value in table.items():
         f = known.get(name)
-        if f is None or name in _SECTIONS or name == "pool":
+        top = isinstance(obj, Config)  # a section name there is a table, not a value
+        if f is None or (top and (name in _SECTIONS or name in ("pool", "pools"))):
             raise ConfigError(f"{where}{name}: unknown key")
         setattr(obj, name, _coerce(where, name, value, str(f.type)))
 
@@ -137,10 +141,15 @@ def _apply_table(config: Config, data: Mapping[str, Any], source: str) -> None:
                 raise ConfigError(f"{source}: [{name}] must be a table")
             _fill(getattr(config, name), value, f"{source}: [{name}] ")
         elif name == "pool":
-            raise ConfigError(
-                f"{source}: [[pool]]: warm pools are not available in this version; "
-                "remove the [[pool]] tables"
-            )
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise ConfigError(f"{source}: [[pool]] must be an array of tables")
+            config.pools = []
+            for n, table in enumerate(value, start=1):
+                pool = PoolSettings()
+                _fill(pool, table, f"{source}: [[pool]] #{n} ")
+                if pool.name is None:
+                    pool.name = f"pool-{n}"
+                config.pools.append(pool)
         else:
             _fill(config, {name: value}, f"{source}: ")
 
@@ -206,4 +215,28 @@ def load_config(
         raise ConfigError("[disk] enforcement: expected auto, quota or measured")
     if not 0 < config.defaults.uid_min <= config.defaults.uid_max:
         raise ConfigError("[defaults] uid_min, uid_max: expected 0 < uid_min <= uid_max")
+    _check_pools(config)
     return config
+
+
+POOL_NAME_MAX = 63
+
+
+def _check_pools(config: Config) -> None:
+    """Each pool names a sandbox the policy allows, a size, and a name of its own."""
+    seen: set[str] = set()
+    for n, pool in enumerate(config.pools, start=1):
+        where = f"[[pool]] #{n} ({pool.name})"
+        if pool.size < 1:
+            raise ConfigError(f"{where} size: must be at least 1")
+        name = pool.name or ""
+        if not name or len(name) > POOL_NAME_MAX or not all(
+                c.isalnum() or c in "_.-" for c in name):
+            raise ConfigError(f"{where} name: use 1-63 letters, digits, '_', '.' or '-'")
+        if name in seen:
+            raise ConfigError(f"{where} name: another pool has this name")
+        seen.add(name)
+        try:
+            resolve_create(pool.create_args(), config.defaults, config.policy)
+        except SandboxdError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from None

@@ -36,6 +36,7 @@ from sandboxd import systemd
 from sandboxd.agent import AgentMissing, agent_binary
 from sandboxd.backend.docker import DockerBackend
 from sandboxd.config import Config
+from sandboxd.core.policy import resolve_create
 from sandboxd.core.records import SandboxRecord
 from sandboxd.logsetup import RateLimitedErrors, flush_logs
 from sandboxd.rpc.dispatcher import Dispatcher
@@ -43,6 +44,7 @@ from sandboxd.rpc.methods.daemon import build_daemon_methods
 from sandboxd.rpc.methods.events import build_event_methods
 from sandboxd.rpc.methods.exec import build_exec_methods
 from sandboxd.rpc.methods.files import build_file_methods
+from sandboxd.rpc.methods.image import build_image_methods
 from sandboxd.rpc.methods.sandbox import build_sandbox_methods
 from sandboxd.rpc.server import RpcServer, StartupError, bind_unix_socket
 from sandboxd.services.agents import AgentHub
@@ -51,6 +53,8 @@ from sandboxd.services.eventbus import EventBus
 from sandboxd.services.execs import ExecService
 from sandboxd.services.files import FileService
 from sandboxd.services.health import engine_info
+from sandboxd.services.images import ImageService
+from sandboxd.services.pool import PoolService
 from sandboxd.services.reconcile import EngineWatcher, Reconciler
 from sandboxd.services.registry import Registry
 from sandboxd.services.sandboxes import SandboxService
@@ -66,6 +70,7 @@ GC_THRESHOLD = 20_000
 STARTUP_SYNC_WAIT = 3.0  # seconds to wait for the engine before serving without it
 STEP_MIN = 0.5  # every shutdown step gets at least this long, even past the grace
 CLEANUP_EXTEND = 30.0  # seconds asked of systemd at a time while removing sandboxes
+REMOVALS_WAIT = 3.0  # seconds deletions under way may take to finish at shutdown
 
 
 def agent_path(config: Config) -> str | None:
@@ -125,6 +130,7 @@ class Daemon:
     watcher: EngineWatcher
     disk_guard: DiskGuard
     server: RpcServer
+    pool: PoolService
 
 
 async def build(config: Config) -> Daemon:
@@ -165,6 +171,21 @@ async def build(config: Config) -> Daemon:
         policy=config.policy, quota=config.quota, publish=publish, agent=agent_path(config),
     )
     agents = AgentHub(backend, registry, publish)
+
+    def image_event(kind: str, owner_uid: int | None, data: dict[str, Any]) -> None:
+        bus.publish(kind, owner_uid=owner_uid, data=data)
+
+    images = ImageService(backend, registry, config.policy, image_event, sandboxes.remover)
+    sandboxes.check_image = images.check_use
+    if config.pools and sandboxes.agent is None:
+        raise StartupError("[[pool]]: warm pools need the in-sandbox agent (agent_path)")
+    # Built without pools too: members an earlier configuration left are deleted.
+    pool = PoolService(backend, sandboxes, agents, [
+        (settings, resolve_create(settings.create_args(), config.defaults, config.policy))
+        for settings in config.pools
+    ])
+    if config.pools:
+        sandboxes.claim_warm = pool.claim
     registry.on_status.append(agents.follow)
     disk_guard = DiskGuard(backend, sandboxes, config.disk)
     execs = ExecService(
@@ -175,15 +196,18 @@ async def build(config: Config) -> Daemon:
     files = FileService(registry, agents, sandboxes.deadlines, max_chunk=config.max_file_chunk)
     try:
         await sandboxes.load()
+        pool.load()
     except (OSError, sqlite3.Error) as exc:
         raise StartupError(f"state_dir {config.state_dir}: {exc}") from None
     watcher = EngineWatcher(
-        Reconciler(sandboxes, backend, config.instance, config.create_grace),
+        Reconciler(sandboxes, backend, config.instance, config.create_grace, pool),
         relist_interval=config.relist_interval,
     )
     dispatcher = Dispatcher(
-        build_daemon_methods(registry, functools.partial(engine_info, backend), disk_guard.info)
-        + build_sandbox_methods(sandboxes, config.defaults, config.policy)
+        build_daemon_methods(registry, functools.partial(engine_info, backend), disk_guard.info,
+                             pool.info)
+        + build_sandbox_methods(sandboxes, images, config.defaults, config.policy)
+        + build_image_methods(images)
         + build_exec_methods(execs, streams, config.max_frame)
         + build_file_methods(files, config.max_frame)
         + build_event_methods(bus)
@@ -193,7 +217,7 @@ async def build(config: Config) -> Daemon:
     )
     return Daemon(
         config, backend, store, bus, registry, sandboxes, agents, execs, watcher, disk_guard,
-        server,
+        server, pool,
     )
 
 
@@ -252,6 +276,7 @@ async def serve(config: Config) -> int:
         d.agents.open_all()
         d.sandboxes.deadlines.start()
         d.disk_guard.start()
+        d.pool.start()
         watchdog = loop.create_task(notifier.run_watchdog())
     except BaseException as exc:
         await shutdown(d, notifier, None, activated, started=False)
@@ -337,10 +362,13 @@ async def shutdown(
         progress(d.registry.count())
         # Past the grace on purpose: each removal is bounded by the engine's call timeout,
         # and systemd is asked for more time before each one.
+        await step("cleanup_pool", d.pool.remove_all(), bounded=False)
         await step("cleanup_on_exit", d.sandboxes.remove_all(progress), bounded=False)
+    await step("pool", d.pool.stop())
     await step("reaper", d.execs.reaper.finish(within=min(2.0, left())))
     await step("agents", d.agents.close_all())
     await step("scheduler", d.sandboxes.deadlines.stop())
+    await step("removals", d.sandboxes.remover.finish(within=min(REMOVALS_WAIT, left())))
     await step("disk_guard", d.disk_guard.stop())
     await step("engine_watch", d.watcher.stop())
     await step("state", d.store.close())

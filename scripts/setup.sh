@@ -28,6 +28,10 @@ fi
 pkg_installed busybox-static || missing+=(busybox-static)
 # gcc: the agent's sanitizer tests (the agent itself is built with the venv's zig).
 command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+# runsc (gVisor), for sandbox.create {runtime: "runsc"} and tests/test_gvisor.py.
+command -v runsc >/dev/null 2>&1 || missing+=(runsc)
+# docker-registry: a real registry on 127.0.0.1 for the image pull tests.
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
 # systemd-analyze and systemd-socket-activate, for the unit and socket-activation tests.
 if ! command -v systemd-analyze >/dev/null 2>&1 \
         || ! command -v systemd-socket-activate >/dev/null 2>&1; then

@@ -172,6 +172,8 @@ async def test_detach_then_attach_from_offset_0_on_a_new_connection(
             assert time.monotonic() < deadline, "the exec outlived its connection"
             await asyncio.sleep(0.05)
         assert listed[exec_id].detached and listed[exec_id].cmd[0] == "sh"
+        ps = await second.exec(sb.id, ["ps", "-o", "args"])  # nothing of it left inside
+        assert b"sleep 300" not in ps.stdout, ps.stdout
         again = await second.attach(exec_id, offset=0)
         assert again.offset == 0
         async with asyncio.timeout(WITHIN):

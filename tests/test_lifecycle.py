@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from conftest import Daemon, MakeSandbox, docker, docker_inspect
+from conftest import Daemon, MakeSandbox, docker, docker_inspect, not_running, wait_deleted
 from sandboxd_client import (
     Conflict,
     InvalidParams,
@@ -146,7 +146,8 @@ async def test_remove_is_immediate_even_when_pid1_ignores_sigterm(
     started = time.monotonic()
     await sb.remove()
     assert time.monotonic() - started < 5  # no 10 s stop grace
-    assert not docker("ps", "-aq", "--filter", f"id={cid}").strip()
+    assert not_running(cid)  # killed before the reply; deleted just after
+    await asyncio.to_thread(wait_deleted, cid)
     with pytest.raises(NotFound):
         await client.get(sb.id)
     with pytest.raises(NotFound):
@@ -157,7 +158,7 @@ async def test_remove_a_paused_sandbox(make_sandbox: MakeSandbox) -> None:
     sb = await make_sandbox()
     await sb.pause()
     await sb.remove()
-    assert not docker("ps", "-aq", "--filter", f"id={sb.container_id}").strip()
+    await asyncio.to_thread(wait_deleted, sb.container_id or "")
 
 
 @pytest.mark.parametrize("method", ["sandbox.get", "sandbox.pause", "sandbox.resume",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -417,12 +418,23 @@ max_sandboxes = 5
     assert cfg.quota.max_sandboxes == 5
 
 
-def test_config_pool_is_a_clear_error_until_pools_exist(tmp_path: Path) -> None:
-    """A [[pool]] is never parsed and then ignored: the daemon refuses to start with it."""
-    path = write(tmp_path, "[[pool]]\nimage = 'sandboxd/base'\nsize = 2\n")
-    with pytest.raises(ConfigError, match=r"\[\[pool\]\]") as info:
-        load_config(path, env={})
-    assert "\n" not in str(info.value) and "not available" in str(info.value)
+def test_config_pools_are_parsed_named_and_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, "[[pool]]\nimage = 'sandboxd/base'\nsize = 2\nmemory = '128m'\n"
+                 "[[pool]]\nname = 'big'\nsize = 1\n")
+    cfg = load_config(path, env={})
+    assert [(p.name, p.size, p.memory) for p in cfg.pools] == \
+        [("pool-1", 2, 128 * MIB), ("big", 1, None)]
+    assert cfg.pools[0].create_args() == {"image": "sandboxd/base", "memory": 128 * MIB}
+    for text, message in (
+        ("[[pool]]\nsize = 0\n", "size: must be at least 1"),
+        ("[[pool]]\nsize = 1\nnetwork = 'host'\n", "Network 'host' is not allowed"),
+        ("[[pool]]\nsize = 1\nmemory = '1k'\n", "memory must be at least 6m"),
+        ("[[pool]]\nsize = 1\nname = 'a b'\n", "name: use 1-63 letters"),
+        ("[pool]\nsize = 1\n", "[[pool]] must be an array of tables"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            load_config(write(tmp_path, text), env={})
+        assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -4,15 +4,16 @@
 
 This module owns one method per SPEC §3 call (``ping``, ``info``, ``create``,
 ``get``, ``list``, ``pause``, ``resume``, ``extend``, ``remove``, ``stats``,
-``exec``, ``start``, ``attach``, ``exec_list``, ``events``, and the files
-calls), the generic ``call``/``notify``/``on_notification``, turning named
-arguments into wire params and replies into models, and the sandbox handle
-that acts on itself (``sb.exec(...)``). The streamed process lives in
-``process`` and the chunked file transfers in ``files``: this module only
-exposes them. It must not touch sockets, msgids or asyncio (``connection``
-and ``_compat`` do), nor import anything of ``sandboxd`` but
-``sandboxd.wire``. Written once for both sides: ``scripts/unasync.py``
-derives the blocking module from the asyncio one.
+``snapshot``, ``exec``, ``start``, ``attach``, ``exec_list``, ``events``, the
+files calls, and the image calls ``images``, ``ensure_image``,
+``remove_image``), the generic ``call``/``notify``/``on_notification``,
+turning named arguments into wire params and replies into models, and the
+sandbox handle that acts on itself (``sb.exec(...)``). The streamed process
+lives in ``process``, the chunked file transfers in ``files`` and the pull
+with live progress in ``pulls``: this module only exposes them. It must not
+touch sockets, msgids or asyncio (``connection`` and ``_compat`` do), nor
+import anything of ``sandboxd`` but ``sandboxd.wire``. Written once for both
+sides: ``scripts/unasync.py`` derives the blocking module from the asyncio one.
 """
 
 from __future__ import annotations
@@ -26,14 +27,24 @@ from typing import Any, Self
 from .. import models
 from ..connection import DEFAULT_CLIENT_MAX_FRAME, BlockingConnection
 from ..exceptions import UnexpectedReply
-from ..models import DaemonInfo, ExecInfo, ExecResult, FileInfo, Stats
+from ..models import (
+    DaemonInfo,
+    EnsureResult,
+    ExecInfo,
+    ExecResult,
+    FileInfo,
+    ImageInfo,
+    Snapshot,
+    Stats,
+)
 from ..protocol import NotificationHandler, named_params
-from . import files
+from . import files, pulls
 from ._compat import connect_on_init
 from .events import DEFAULT_MAX_BUFFER, BlockingEventStream
 from .files import Data, Writable
 from .process import DEFAULT_MAX_BUFFER as DEFAULT_OUTPUT_BUFFER
 from .process import BlockingProcess, attach_process, start_process
+from .pulls import ProgressCallback
 
 __all__ = ["BlockingSandbox", "Client"]
 
@@ -181,6 +192,39 @@ class Client:
             self._conn, types=types, sandbox=sandbox, labels=labels, since=since,
             max_buffer=max_buffer, max_backoff=max_backoff)
 
+    # -- images -------------------------------------------------------------------
+
+    def images(self) -> builtins.list[ImageInfo]:
+        """``image.list``: the images you may use and your snapshots, one entry per reference."""
+        reply = self.call("image.list")
+        if not isinstance(reply, (builtins.list, tuple)):
+            raise UnexpectedReply(
+                f"Expected a list of images from image.list, got {type(reply).__name__}.")
+        return [ImageInfo.from_wire(item) for item in reply]
+
+    def ensure_image(
+        self, ref: str, on_progress: ProgressCallback | None = None
+    ) -> EnsureResult:
+        """``image.ensure``: make sure image ``ref`` is present, pulling it when missing.
+
+        The result's ``pulled`` says whether it had to be pulled (by this call
+        or one it joined). ``on_progress(progress)`` is called with each
+        ``PullProgress`` of the pull as it comes, while the call waits; every
+        one has been delivered when this returns. It runs while the
+        connection reads: keep it quick and never call the client from it; an
+        exception it raises is raised here once the reply came.
+        """
+        return pulls.ensure_image(self._conn, ref, on_progress)
+
+    def remove_image(self, ref: str) -> None:
+        """``image.remove``: remove one of your snapshots (``NotFound`` for anything else).
+
+        An admin may remove anyone's snapshot; other images are never removed
+        through sandboxd (``PermissionDenied`` for an admin). A snapshot that a
+        sandbox still runs from is a ``Conflict``.
+        """
+        self.call("image.remove", ref=ref)
+
     # -- sandboxes ----------------------------------------------------------------
 
     def _bind(self, data: Any) -> BlockingSandbox:
@@ -268,6 +312,16 @@ class Client:
     def stats(self, id: str) -> Stats:
         """``sandbox.stats``: a resource sample."""
         return Stats.from_wire(self.call("sandbox.stats", id=id))
+
+    def snapshot(self, id: str, ref: str | None = None) -> Snapshot:
+        """``sandbox.snapshot``: commit sandbox ``id``'s filesystem as a local image.
+
+        The image is ``sandboxd-snapshot/u<uid>/<name>:<tag>``; ``ref`` gives
+        the ``name`` or ``name:tag`` (a lowercase Docker name; by default the
+        sandbox's name and a timestamp tag). ``create(image=snap.ref)`` starts
+        a copy of the sandbox (a fork); ``remove_image(snap.ref)`` drops it.
+        """
+        return Snapshot.from_wire(self.call("sandbox.snapshot", id=id, ref=ref))
 
     def exec(
         self,
@@ -492,3 +546,7 @@ class BlockingSandbox(models.Sandbox):
     def stats(self) -> Stats:
         """A resource sample of this sandbox."""
         return self._c().stats(self.id)
+
+    def snapshot(self, ref: str | None = None) -> Snapshot:
+        """Commit this sandbox's filesystem as an image (see ``Client.snapshot``)."""
+        return self._c().snapshot(self.id, ref)

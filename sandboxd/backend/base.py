@@ -19,6 +19,7 @@ Docker JSON) crosses this interface. This module must not import any backend.
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -93,6 +94,17 @@ class ContainerEvent:
     container_id: str
     labels: dict[str, str] = field(default_factory=dict)
     exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """A local image."""
+
+    id: str
+    refs: tuple[str, ...]  # its repository:tag names
+    size: int
+    created: float  # epoch seconds
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +221,17 @@ class Backend(ABC):
         """Kill and remove at once, no grace; False when it was already gone."""
 
     @abstractmethod
+    async def update_limits(self, container_id: str, memory: int, cpus: float,
+                            pids: int) -> None:
+        """Change a running container's memory, cpus and pids limits."""
+        raise NotImplementedError
+
+    @abstractmethod
+    async def kill_now(self, container_id: str) -> bool:
+        """Kill the container's processes at once (before ``remove`` deletes it);
+        False when that was not possible here (the caller then relies on ``remove``)."""
+
+    @abstractmethod
     async def inspect(self, container_id: str) -> ContainerInfo: ...
 
     @abstractmethod
@@ -236,6 +259,29 @@ class Backend(ABC):
     @abstractmethod
     async def stats(self, container_id: str) -> dict[str, Any]:
         """SPEC §3 ``sandbox.stats`` figures, fast (well under a second)."""
+
+    # -- images --------------------------------------------------------------
+
+    @abstractmethod
+    async def images(self) -> builtins.list[ImageInfo]:
+        """Every local image."""
+
+    @abstractmethod
+    async def image(self, ref: str) -> ImageInfo:
+        """One local image by reference or id; ``NotFound`` when it is not here."""
+
+    @abstractmethod
+    def pull(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+        """Pull ``ref``, yielding progress as the engine reports it (``id``, ``status``,
+        ``current``, ``total``); raises ``EngineError`` when the pull fails."""
+
+    @abstractmethod
+    async def commit(self, container_id: str, repository: str, tag: str,
+                     labels: dict[str, str], pause: bool) -> str:
+        """The container's filesystem as a local image ``repository:tag``; its id."""
+
+    @abstractmethod
+    async def remove_image(self, ref: str) -> None: ...
 
     # -- disk ----------------------------------------------------------------
 

@@ -26,6 +26,13 @@ LABEL_USER_PREFIX = "io.sandboxd.label."
 LABEL_UID = "io.sandboxd.uid"  # the sandbox's own unprivileged uid
 LABEL_DISK = "io.sandboxd.disk"
 LABEL_AGENT = "io.sandboxd.agent"  # "1": the sandbox's main process is the agent
+LABEL_POOL = "io.sandboxd.pool"  # a warm-pool member: its pool's name (no owner)
+# On images made by sandbox.snapshot:
+LABEL_SNAPSHOT_OWNER = "io.sandboxd.snapshot.owner"  # the uid the snapshot belongs to
+LABEL_SNAPSHOT_OF = "io.sandboxd.snapshot.of"  # the sandbox it was made of
+LABEL_SNAPSHOT_UID = "io.sandboxd.snapshot.uid"  # the sandbox uid whose files it holds
+SNAPSHOT_LABELS = "io.sandboxd.snapshot."
+SANDBOX_LABELS = "io.sandboxd."
 CONTAINER_PREFIX = "sandboxd-"
 
 
@@ -75,6 +82,10 @@ class SandboxRecord:
     disk: int = 0
     has_agent: bool = False
     agent: str = "unavailable"  # starting, ready, unavailable (then commands use the engine)
+    # The create's environment: in the container's own for a cold sandbox, and given to
+    # every command (a pooled sandbox's container was made before its caller asked).
+    env: dict[str, str] = field(default_factory=dict)
+    pool: str | None = None  # the warm pool it came from
 
     @property
     def run_as(self) -> str:
@@ -83,18 +94,26 @@ class SandboxRecord:
             return self.user
         return f"{self.uid}:{self.uid}" if self.uid is not None else "0:0"
 
-    def container_labels(self, instance: str) -> dict[str, str]:
-        labels = {
-            LABEL_INSTANCE: instance,
-            LABEL_ID: self.id,
-            LABEL_NAME: self.name,
-            LABEL_OWNER: f"{self.owner_uid}:{self.owner_gid}",
-            LABEL_CREATED_AT: format_time(self.created_at),
-        }
-        if self.expires_at is not None:
-            labels[LABEL_EXPIRES_AT] = format_time(self.expires_at)
-        if self.idle_timeout is not None:
-            labels[LABEL_IDLE_TIMEOUT] = repr(self.idle_timeout)
+    def container_labels(
+        self, instance: str, inherited: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The container's labels. ``inherited``: the image's labels; a sandbox label among
+        them that this sandbox does not set (an image made by ``sandbox.snapshot`` carries
+        its sandbox's) is overridden with "" (a container cannot drop an image's label, and
+        ``record_from_labels`` takes "" as absent)."""
+        labels = {LABEL_INSTANCE: instance, LABEL_ID: self.id}
+        if self.pool is not None:
+            # A warm-pool member: no owner, name or deadline until it is claimed, and then
+            # those live in the state directory (SPEC §5).
+            labels[LABEL_POOL] = self.pool
+        else:
+            labels[LABEL_NAME] = self.name
+            labels[LABEL_OWNER] = f"{self.owner_uid}:{self.owner_gid}"
+            labels[LABEL_CREATED_AT] = format_time(self.created_at)
+            if self.expires_at is not None:
+                labels[LABEL_EXPIRES_AT] = format_time(self.expires_at)
+            if self.idle_timeout is not None:
+                labels[LABEL_IDLE_TIMEOUT] = repr(self.idle_timeout)
         if self.uid is not None:
             labels[LABEL_UID] = str(self.uid)
         if self.disk:
@@ -103,6 +122,10 @@ class SandboxRecord:
             labels[LABEL_AGENT] = "1"
         for key, value in self.labels.items():
             labels[LABEL_USER_PREFIX + key] = value
+        for key in inherited or ():
+            if key.startswith(SANDBOX_LABELS) and not key.startswith(SNAPSHOT_LABELS) \
+                    and key not in labels:
+                labels[key] = ""
         return labels
 
     def to_wire(self) -> dict[str, Any]:
@@ -147,10 +170,14 @@ def record_from_labels(
 ) -> SandboxRecord | None:
     """Rebuild a record from a container's labels (when no state row survived).
 
-    None when the labels do not name a sandbox or cannot be read.
+    None when the labels do not name a sandbox or cannot be read, and for a warm-pool
+    container (it has no owner of its own: its claim lives in the state directory, and a
+    pool container without one is never handed to anyone). An empty label is absent (see
+    ``container_labels``).
     """
+    labels = {k: v for k, v in labels.items() if v != ""}
     sid = labels.get(LABEL_ID)
-    if not sid:
+    if not sid or LABEL_POOL in labels:
         return None
     try:
         uid, gid = (int(x) for x in labels.get(LABEL_OWNER, "0:0").split(":", 1))

@@ -69,3 +69,29 @@ class DiskSettings:
     enforcement: str = "auto"  # auto (the strongest the engine has), quota, measured
     check_interval: float = 2.0  # seconds between two measurements of a sandbox
     floor: int = 2048 * MIB  # below this free on the engine's data root: refuse, freeze
+
+
+@dataclass
+class PoolSettings:
+    """One ``[[pool]]`` table: a warm pool of ``size`` sandboxes made with these arguments
+    (as ``sandbox.create`` takes them; an unset one takes its default). ``name`` defaults
+    to ``pool-<n>``."""
+
+    size: int = 0
+    name: str | None = None
+    image: str | None = None
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    network: str | None = None
+    user: str | None = None
+    disk: int | None = None
+    workdir: str | None = None
+    readonly_rootfs: bool | None = None
+    runtime: str | None = None
+
+    def create_args(self) -> dict[str, object]:
+        """The ``sandbox.create`` arguments this pool's members are made with."""
+        keys = ("image", "memory", "cpus", "pids", "network", "user", "disk", "workdir",
+                "readonly_rootfs", "runtime")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -39,6 +40,8 @@ STARTING, READY, UNAVAILABLE, FAILED = "starting", "ready", "unavailable", "fail
 HELLO_EVERY = 0.5  # seconds between HELLOs until the agent answers
 HANDSHAKE_LIMIT = 10.0  # no STATE within this: the stream is given up and attached again
 ACK_STEP = 256 * 1024  # output acknowledged at least every this many bytes consumed
+ACK_DELAY = 0.01  # a consumer that caught up is acknowledged this soon after (coalesced)
+MERGE_MAX = 1024 * 1024  # contiguous pieces of one stream handed on together, up to this
 STDIN_CHUNK = 256 * 1024
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 RELEASED_MEMORY = 256  # ids of released execs whose late frames are still tolerated
@@ -70,7 +73,9 @@ class AgentExec:
         self._wake = asyncio.Event()
         self.received = 0  # output offset received so far (end of the last OUTPUT)
         self.taken = 0  # output offset handed to the consumer
-        self.acked = 0
+        self.acked = 0  # acknowledged to the agent
+        self._ack_to = 0  # delivered, to be acknowledged by the timer
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.stdin_sent = 0
         self.stdin_consumed = 0
         self._stdin_room = asyncio.Event()
@@ -141,19 +146,41 @@ class AgentExec:
             self._wake.clear()
             await self._wake.wait()
         piece = self._pieces.popleft()
+        stream, data, offset = piece
+        if self._pieces and self._pieces[0][0] == stream:
+            # Hand on what has arrived of this stream at once: fewer, larger pieces.
+            parts = [data]
+            size = len(data)
+            while self._pieces and self._pieces[0][0] == stream and size < MERGE_MAX:
+                nxt = self._pieces.popleft()[1]
+                parts.append(nxt)
+                size += len(nxt)
+            piece = (stream, b"".join(parts), offset)
         self.taken = piece[2] + len(piece[1])
         if ack_now:
             self.ack(self.taken, eager=not self._pieces)
         return piece
 
     def ack(self, offset: int, eager: bool = True) -> None:
-        """Output before ``offset`` is delivered; tell the agent in steps (or at once when
-        the consumer has caught up, ``eager``), so the window keeps moving."""
+        """Output before ``offset`` is delivered. The agent is told in steps of ACK_STEP,
+        and, when the consumer has caught up (``eager``), ACK_DELAY later (one
+        acknowledgement for all that a fast stream delivers meanwhile), so its window
+        keeps moving and it can let go of what it holds."""
         if offset <= self.acked:
             return
-        if eager or offset - self.acked >= ACK_STEP:
-            self.acked = offset
-            self.session.send_soon(fr.encode_ack(self.num, offset))
+        self._ack_to = max(self._ack_to, offset)
+        if offset - self.acked >= ACK_STEP:
+            self._send_ack()
+        elif eager and self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._send_ack)
+
+    def _send_ack(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._ack_to > self.acked:
+            self.acked = self._ack_to
+            self.session.send_soon(fr.encode_ack(self.num, self.acked))
 
     async def write(self, data: bytes) -> None:
         """Feed stdin, within the agent's stdin window (this wait is the back-pressure)."""
@@ -199,6 +226,9 @@ class AgentExec:
         """Forget the exec at the agent (it has exited and its exit was delivered)."""
         if not self.released:
             self.released = True
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
             self.session.release(self)
 
 
@@ -256,8 +286,12 @@ class AgentSession:
         self.error: str | None = None
         self.execs: dict[int, AgentExec] = {}
         self._requests: dict[int, asyncio.Future[fr.FResult]] = {}
-        self._rewinds: dict[int, asyncio.Future[int]] = {}
+        # Per exec, the REWINDs sent and not yet answered, in order (the agent answers each
+        # with one REWOUND, in the order it got them).
+        self._rewinds: dict[int, deque[asyncio.Future[int]]] = {}
         self._released: deque[int] = deque(maxlen=RELEASED_MEMORY)
+        self._abandoned: deque[int] = deque(maxlen=RELEASED_MEMORY)
+        self._pings: dict[int, asyncio.Future[None]] = {}
         self._grace: asyncio.TimerHandle | None = None
         self._channel: Channel | None = None
         self._ready = asyncio.Event()
@@ -288,6 +322,24 @@ class AgentSession:
             async with asyncio.timeout(within):
                 await self._ready.wait()
         return self.ready
+
+    async def ping(self, within: float) -> bool:
+        """Whether the agent answers a PING within ``within`` seconds (a health check:
+        the channel is up and the agent's loop is serving)."""
+        if not self.ready:
+            return False
+        ident = self._new_num()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[ident] = fut
+        try:
+            self.send(fr.encode_ping(ident))
+            async with asyncio.timeout(within):
+                await fut
+            return True
+        except (TimeoutError, SandboxdError):
+            return False
+        finally:
+            self._pings.pop(ident, None)
 
     # -- sending ---------------------------------------------------------------
 
@@ -351,8 +403,8 @@ class AgentSession:
 
     async def rewind(self, exec_: AgentExec, offset: int) -> int:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._rewinds[exec_.num] = fut
         self.send(fr.encode_rewind(exec_.num, offset))
+        self._rewinds.setdefault(exec_.num, deque()).append(fut)
         return await fut
 
     async def file_request(self, frame_for: Callable[[int], bytes]) -> fr.FResult:
@@ -364,7 +416,8 @@ class AgentSession:
             await self.send_data(frame_for(rid))
             return await fut
         finally:
-            self._requests.pop(rid, None)
+            if self._requests.pop(rid, None) is not None and not fut.done():
+                self._abandoned.append(rid)  # its caller went: the result may still come
 
     # -- the channel -----------------------------------------------------------
 
@@ -473,7 +526,8 @@ class AgentSession:
                     adopted.end_offset = rec.end_offset
                     adopted.exit.set_result(ExitInfo(rec.exit_code, rec.timed_out, rec.signaled))
                 self.execs[rec.exec_id] = adopted
-            else:
+            else:  # its caller went with the old daemon: end it; its last frames are late
+                self._released.append(rec.exec_id)
                 self.send_soon(fr.encode_signal(rec.exec_id, 9))
                 self.send_soon(fr.encode_release(rec.exec_id))
         self.log.info("agent_ready", execs=len(state.execs), agent_version=state.agent_version)
@@ -509,23 +563,34 @@ class AgentSession:
         elif isinstance(frame, fr.FResult):
             fut = self._requests.get(frame.request_id)
             if fut is None:
-                raise fr.ChannelViolation("a file result for no request")
-            if not fut.done():
+                if frame.request_id not in self._abandoned:
+                    raise fr.ChannelViolation("a file result for no request")
+            elif not fut.done():
                 fut.set_result(frame)
         elif isinstance(frame, fr.Rewound):
-            rewound = self._rewinds.pop(frame.exec_id, None)
+            waiting = self._rewinds.get(frame.exec_id)
+            rewound = waiting.popleft() if waiting else None
+            if waiting is not None and not waiting:
+                del self._rewinds[frame.exec_id]
             exec_ = self.execs.get(frame.exec_id)
             if rewound is None or exec_ is None:
-                raise fr.ChannelViolation("REWOUND for no REWIND")
+                if rewound is not None and not rewound.done():
+                    rewound.set_exception(Conflict("The command was released."))
+                self._late(frame.exec_id, "REWOUND")
+                return
             exec_._rewound(frame.offset)
             if not rewound.done():
                 rewound.set_result(frame.offset)
         elif isinstance(frame, fr.Error):
             self.log.warning("agent_error", code=frame.code, message=frame.message[:200],
                              ident=frame.ident)
+        elif isinstance(frame, fr.Pong):
+            pinged = self._pings.pop(frame.ident, None)
+            if pinged is not None and not pinged.done():
+                pinged.set_result(None)
         elif isinstance(frame, fr.State):
             raise fr.ChannelViolation("a STATE without a HELLO")
-        # Started, Pong: nothing to do.
+        # Started: nothing to do.
 
     def _late(self, num: int, what: str) -> None:
         """A frame for an exec this daemon does not follow: fine for one it just released
@@ -536,11 +601,15 @@ class AgentSession:
     def _lost(self, error: SandboxdError, final: bool = False) -> None:
         """The channel went down: pending file requests fail; execs wait for the channel
         to come back (their commands go on in the sandbox), or fail when it never will."""
-        for fut in list(self._requests.values()) + list(self._rewinds.values()):
+        pending: list[asyncio.Future[Any]] = [
+            *self._requests.values(), *(f for q in self._rewinds.values() for f in q),
+            *self._pings.values()]
+        for fut in pending:
             if not fut.done():
                 fut.set_exception(error)
         self._requests.clear()
         self._rewinds.clear()
+        self._pings.clear()
         if final:
             for exec_ in self.execs.values():
                 exec_.fail(error)

@@ -4,7 +4,8 @@ Owns the map from sandbox to ``AgentSession``: a sandbox made with the agent
 gets a session once it is running (created, adopted at start-up, or started
 again), the session's state is mirrored on the record (``Sandbox.agent``:
 starting, ready, unavailable), and the session is closed when the sandbox
-stops or is removed. It must not run commands itself (``execs``, ``streams``
+stops or is removed. A warm-pool member's session is opened by the pool and
+passes to the sandbox that claims it. It must not run commands itself (``execs``, ``streams``
 and ``files`` use the sessions).
 """
 
@@ -53,11 +54,24 @@ class AgentHub:
         for record in self.registry.records():
             self.open(record)
 
+    def open_member(self, sid: str, container_id: str) -> AgentSession:
+        """The session of a warm-pool member (no record yet: its claim keeps the session,
+        found by the same id)."""
+        session = self._sessions.get(sid)
+        if session is None:
+            session = AgentSession(self.backend, container_id, sid, self._changed)
+            self._sessions[sid] = session
+            session.start()
+        return session
+
     def close(self, record: SandboxRecord) -> None:
         """The sandbox stopped or is gone: end its session (in the background)."""
-        session = self._sessions.pop(record.id, None)
         if record.has_agent:
             record.agent = "unavailable"
+        self.close_id(record.id)
+
+    def close_id(self, sid: str) -> None:
+        session = self._sessions.pop(sid, None)
         if session is not None:
             task = asyncio.get_running_loop().create_task(session.close())
             self._closing.add(task)

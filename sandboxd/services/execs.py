@@ -311,7 +311,7 @@ class ExecService:
         """A command's checked request: its user, environment, timeout and output cap."""
         return ExecRequest(
             cmd=args["cmd"],
-            env=check_env(args.get("env", {})),
+            env={**record.env, **check_env(args.get("env", {}))},
             workdir=args.get("workdir"),
             user=self._user(record, args.get("user")),
             stdin=args.get("stdin"),

@@ -2,8 +2,9 @@
 
 Owns start-up adoption (every container labelled with this daemon's
 instance is taken back with its record, or rebuilt from its labels when no
-record survived), the periodic and on-reconnect re-listing that catches
-what the engine's event stream dropped, and reading engine events (pause,
+record survived; unclaimed warm-pool containers are handed to the pool),
+the periodic and on-reconnect re-listing that catches what the engine's
+event stream dropped, and reading engine events (pause,
 unpause, die, oom, destroy, start) made behind the daemon's back. What a
 change does to a sandbox is the lifecycle service's (``adopt``, ``follow``,
 ``vanished``); this module only observes and reports. The ``EngineWatcher``
@@ -21,9 +22,16 @@ from typing import Any
 
 import structlog
 
-from sandboxd.backend.base import Backend, ContainerEvent
+from sandboxd.backend.base import Backend, ContainerEvent, ContainerSummary
 from sandboxd.core import status
-from sandboxd.core.records import LABEL_ID, LABEL_INSTANCE, SandboxRecord, record_from_labels
+from sandboxd.core.records import (
+    LABEL_ID,
+    LABEL_INSTANCE,
+    LABEL_POOL,
+    SandboxRecord,
+    record_from_labels,
+)
+from sandboxd.services.pool import PoolService
 from sandboxd.services.sandboxes import SandboxService
 from sandboxd.services.tasks import cancel_and_wait
 from sandboxd.wire.errors import SandboxdError
@@ -42,8 +50,10 @@ class Reconciler:
         backend: Backend,
         instance: str,
         create_grace: float = CREATE_GRACE,
+        pool: PoolService | None = None,
     ) -> None:
         self.sandboxes = sandboxes
+        self.pool = pool
         self.registry = sandboxes.registry
         self.backend = backend
         self.create_grace = create_grace
@@ -73,12 +83,19 @@ class Reconciler:
             if record.container_id is None:
                 record.container_id = summary.id
             await self._follow(record, summary.state, None)
+        removing = self.sandboxes.remover.containers
+        pooled: dict[str, ContainerSummary] = {}
         for sid, summary in found.items():
-            if sid is None or reg.by_id(sid) is not None:
+            if sid is None or reg.by_id(sid) is not None or summary.id in removing:
+                continue  # not a sandbox, known, or being deleted
+            if summary.labels.get(LABEL_POOL):
+                pooled[sid] = summary  # an unclaimed warm-pool member: the pool's
                 continue
             adopted = await self._adopt_unknown(summary.id)
             if adopted is not None:
                 log.info("sandbox_adopted_from_labels", sandbox_id=adopted.id)
+        if self.pool is not None:
+            await self.pool.relisted(pooled, listed_at)
 
     async def _adopt_unknown(self, container_id: str) -> SandboxRecord | None:
         try:
@@ -125,6 +142,9 @@ class Reconciler:
         """One engine event for one of our containers."""
         sid = event.labels.get(LABEL_ID)
         record = self.registry.by_id(sid) if sid else None
+        if record is None and sid and self.pool is not None and self.pool.holds(sid):
+            await self.pool.engine_event(sid, event.action)
+            return
         if record is None or self.registry.busy(record.id):
             return  # not ours (any more), or our own call in flight will settle it
         if event.action == "oom":

@@ -19,13 +19,14 @@ from typing import Any
 
 import structlog
 
-from sandboxd.backend.base import Backend, ContainerSpec
+from sandboxd.backend.base import Backend, ContainerSpec, ImageInfo
 from sandboxd.core import quotas, status
 from sandboxd.core.policy import CreateSpec
-from sandboxd.core.records import Caller, SandboxRecord, container_name
+from sandboxd.core.records import LABEL_SNAPSHOT_UID, Caller, SandboxRecord, container_name
 from sandboxd.core.settings import Defaults, Policy, Quota
 from sandboxd.services.deadlines import Deadlines
 from sandboxd.services.registry import Registry
+from sandboxd.services.remover import Remover
 from sandboxd.services.uids import UidPool
 from sandboxd.wire.errors import (
     Conflict,
@@ -45,6 +46,13 @@ Publisher = Callable[[str, SandboxRecord | None, dict[str, Any]], None]
 
 def _no_publish(kind: str, record: SandboxRecord | None, data: dict[str, Any]) -> None:
     return None
+
+
+def _int_label(labels: dict[str, str], key: str) -> int | None:
+    try:
+        return int(labels[key]) if key in labels else None
+    except ValueError:
+        return None
 
 
 class SandboxService:
@@ -69,19 +77,28 @@ class SandboxService:
         self.quota = quota
         self.publish = publish
         self.deadlines = Deadlines(registry, self._on_deadline)
+        self.remover = Remover(backend, registry.store)
         self.uids = UidPool(defaults.uid_min, defaults.uid_max)
         self.admission: list[Callable[[], None]] = []  # checks run before any create
+        # Looks at the image a caller asked for (another user's snapshot is not_found);
+        # the image when it had to be looked at. Set by the daemon (the image service).
+        self.check_image: Callable[[Caller, str], Awaitable[ImageInfo | None]] | None = None
+        # Hands out a warm-pool member made for this spec (None: a miss). Set by the
+        # daemon when pools are configured.
+        self.claim_warm: Callable[[Caller, CreateSpec], Awaitable[SandboxRecord | None]] \
+            | None = None
 
     # -- start-up ------------------------------------------------------------
 
     async def load(self) -> int:
         """Take back every sandbox recorded in the state directory; how many."""
         records = await self.store.open()
+        self.remover.resume()
         for record in records:
             self.registry.register(record)
             self.deadlines.rearm(record)
             if record.uid is not None:
-                self.uids.take(record.uid)
+                self.uids.take(record.uid, record.owner_uid)
         return len(records)
 
     # -- lifecycle -----------------------------------------------------------
@@ -90,6 +107,12 @@ class SandboxService:
         quotas.check_create(self.quota, self.registry.owned_by(caller.uid), spec.memory)
         for check in self.admission:
             check()
+        image = await self.check_image(caller, spec.image) if self.check_image else None
+        if self.claim_warm is not None:
+            claimed = await self.claim_warm(caller, spec)
+            if claimed is not None:
+                return claimed
+        prefer_uid = _int_label(image.labels, LABEL_SNAPSHOT_UID) if image else None
         sid = self.registry.new_id()
         now = time.time()
         record = SandboxRecord(
@@ -111,19 +134,20 @@ class SandboxService:
             user=spec.user,
             disk=spec.disk,
             has_agent=self.agent is not None,
+            env=dict(spec.env),
         )
         # Reserve the id and name before the first await: concurrent creates see them.
         self.registry.reserve(record)
         if spec.user is None:
             try:
-                record.uid = self.uids.allocate()
+                record.uid = self.uids.allocate(prefer_uid, caller.uid)
             except SandboxdError:
                 self.registry.forget(record)
                 raise
         async with self.registry.lock(sid):
             try:
                 await self.store.put(record)  # a crash from here on is found at start-up
-                record.container_id = await self._create_container(record, spec)
+                record.container_id = await self._create_container(record, spec, image)
                 await self.backend.start(record.container_id)
                 record.last_activity_at = time.time()
                 await self.registry.set_status(record, status.after("start"))
@@ -141,14 +165,35 @@ class SandboxService:
         self.publish("sandbox.created", record, {"image": spec.image})
         return record
 
-    def _container_spec(self, record: SandboxRecord, spec: CreateSpec) -> ContainerSpec:
+    async def take_over(self, record: SandboxRecord, *, update_limits: bool) -> None:
+        """Make a claimed warm-pool member ``record``'s sandbox: its name reserved (a taken
+        one is refused before anything changes), its limits updated when they differ from
+        the pool's, the claim committed, its deadline armed."""
+        self.registry.reserve(record)
+        self.uids.hand_over(record.uid, record.owner_uid)
+        try:
+            async with self.registry.lock(record.id):
+                if update_limits:
+                    await self.backend.update_limits(
+                        self._cid(record), record.memory, record.cpus, record.pids)
+                await self.store.claim_member(record)
+        except BaseException:
+            self.registry.forget(record)
+            raise
+        self.deadlines.rearm(record)
+        log.info("sandbox_created", sandbox_id=record.id, name=record.name,
+                 image=record.image, owner=record.owner_uid, pool=record.pool)
+        self.publish("sandbox.created", record, {"image": record.image, "pool": record.pool})
+
+    def container_spec(self, record: SandboxRecord, spec: CreateSpec,
+                        image: ImageInfo | None = None) -> ContainerSpec:
         env = dict(spec.env)
         if record.uid is not None:
             env.setdefault("HOME", spec.workdir)  # its uid has no entry in /etc/passwd
         return ContainerSpec(
             name=container_name(record.id),
             image=spec.image,
-            labels=record.container_labels(self.instance),
+            labels=record.container_labels(self.instance, image.labels if image else None),
             hostname=f"sandbox-{record.id[:8]}",
             env=env,
             workdir=spec.workdir,
@@ -165,11 +210,12 @@ class SandboxService:
             agent=self.agent,
         )
 
-    async def _create_container(self, record: SandboxRecord, spec: CreateSpec) -> str:
+    async def _create_container(self, record: SandboxRecord, spec: CreateSpec,
+                                image: ImageInfo | None) -> str:
         """Create the container; a retry after a lost reply finds it by its name."""
         name = container_name(record.id)
         try:
-            return await self.backend.create(self._container_spec(record, spec))
+            return await self.backend.create(self.container_spec(record, spec, image))
         except Conflict:
             existing = await self.backend.inspect(name)  # same id, same name: ours
             return existing.id
@@ -273,9 +319,14 @@ class SandboxService:
                 if reason is None:
                     self.deadlines.rearm(record)
                     return
-            await self.backend.remove(record.container_id or container_name(record.id))
+            # Gone for its user at once: killed, its row turned into a removal row, then
+            # forgotten; the engine deletes the container in the background (durably).
+            container = record.container_id or container_name(record.id)
+            if not await self.backend.kill_now(container):
+                await self.backend.remove(container)  # could not kill here: the slow way
+            await self.store.begin_removal(record.id, container)
             self._forget(record)
-            await self.store.delete(record.id)
+            self.remover.delete(container)  # no await since the forget: never adopted
         if reason is not None:
             log.info("sandbox_expired", sandbox_id=record.id, reason=reason)
             self.publish("sandbox.expired", record, {"reason": reason})
@@ -288,6 +339,7 @@ class SandboxService:
         for done, record in enumerate(records, start=1):
             try:
                 await self._remove(record, cause="daemon_exit")
+                await self.remover.flush()
             except SandboxdError as exc:
                 log.warning("cleanup_remove_failed", sandbox_id=record.id, error=exc.message)
             if on_progress is not None:
@@ -326,7 +378,7 @@ class SandboxService:
         """Take in a sandbox found on the engine with no record of ours."""
         self.registry.register(record)
         if record.uid is not None:
-            self.uids.take(record.uid)
+            self.uids.take(record.uid, record.owner_uid)
         await self.store.put(record)
         if record.status == status.CREATING:  # created, never started: a create cut short
             self.deadlines.at(record.id, record.created_at + create_grace)

@@ -39,6 +39,7 @@ log = structlog.get_logger("sandboxd.streams")
 
 STREAM_NAMES = {1: "stdout", STDERR: "stderr"}
 KEEP_ENDED = 64  # ended commands per sandbox still listed (and waitable)
+RESYNC_WAIT = 5.0  # seconds a call waits for a restarted daemon to resync with an agent
 
 
 class Follower(Protocol):
@@ -83,6 +84,7 @@ class Streamed:
     follower: Follower | None = None
     forwarder: asyncio.Task[None] | None = None
     ended: float | None = None
+    attaches: int = 0  # exec.attach calls so far: the latest one wins
 
     @property
     def agent(self) -> AgentExec | None:
@@ -137,6 +139,22 @@ class ExecStreams:
             if adopted is not None:
                 return adopted
         raise NotFound(f"No command {exec_id!r}.", {"exec_id": exec_id})
+
+    async def _find_resynced(self, caller: Caller, exec_id: str) -> Streamed:
+        """``_find``, but a sandbox whose agent is still resynchronising (a daemon just
+        restarted) is waited for, RESYNC_WAIT at most: until then its detached commands
+        are not known yet, which is not the same as gone."""
+        try:
+            return self._find(caller, exec_id)
+        except NotFound:
+            sid = exec_id.partition(".")[0]
+            with contextlib.suppress(NotFound):
+                record = self.registry.lookup(caller, sid)
+                session = self.agents.session(record.id)
+                if session is not None and not session.ready \
+                        and await session.wait_ready(RESYNC_WAIT):
+                    return self._find(caller, exec_id)
+            raise
 
     def _adopt(self, record: SandboxRecord, num: str) -> Streamed | None:
         """A detached command this daemon did not start (it was restarted): the agent
@@ -279,7 +297,7 @@ class ExecStreams:
     # -- the calls -----------------------------------------------------------------
 
     async def write(self, caller: Caller, exec_id: str, data: bytes) -> None:
-        streamed = self._find(caller, exec_id)
+        streamed = await self._find_resynced(caller, exec_id)
         self.execs.deadlines.touch(streamed.record)
         if streamed.agent is not None:
             await streamed.agent.write(data)
@@ -294,7 +312,7 @@ class ExecStreams:
             streamed.process.stream.close_stdin()
 
     async def kill(self, caller: Caller, exec_id: str, signo: int) -> None:
-        streamed = self._find(caller, exec_id)
+        streamed = await self._find_resynced(caller, exec_id)
         if streamed.agent is not None:
             streamed.agent.signal(signo)
         elif signo == 9:
@@ -311,7 +329,7 @@ class ExecStreams:
         streamed.agent.resize(rows, cols)
 
     async def wait(self, caller: Caller, exec_id: str) -> dict[str, Any]:
-        streamed = self._find(caller, exec_id)
+        streamed = await self._find_resynced(caller, exec_id)
         if streamed.agent is not None:
             info = await asyncio.shield(streamed.agent.exit)
         else:
@@ -321,17 +339,23 @@ class ExecStreams:
 
     async def attach(self, caller: Caller, exec_id: str, offset: int,
                      follower: Follower) -> dict[str, Any]:
-        streamed = self._find(caller, exec_id)
+        streamed = await self._find_resynced(caller, exec_id)
         agent = streamed.agent
         if agent is None or not streamed.detached:
             raise Conflict("Only a command started with detach can be attached to.",
                            {"exec_id": exec_id})
+        streamed.attaches += 1
+        mine = streamed.attaches
         if streamed.forwarder is not None:
             streamed.forwarder.cancel()
             streamed.forwarder = None
         self._unfollow(streamed)
         start = await agent.rewind(offset)
-        self._follow(streamed, follower)
+        if streamed.attaches != mine:
+            raise Conflict("Another exec.attach of this command came after this one.",
+                           {"exec_id": exec_id})
+        if not follower.closed:  # its caller may have gone while it waited
+            self._follow(streamed, follower)
         return {"offset": start}
 
     def list(self, caller: Caller, ref: str) -> list[dict[str, Any]]:

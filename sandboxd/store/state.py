@@ -2,10 +2,14 @@
 
 Owns ``<state_dir>/state.db`` with one row per sandbox: its record as JSON
 (deadline after ``extend``, idle timeout, last activity, paused-by-us, owner
-and labels). Writes are committed before ``put``/``delete`` return, in WAL
-mode with ``synchronous=NORMAL``: a committed change survives the daemon
-being killed at any moment (SIGKILL, OOM, a crash) and dockerd restarting,
-because it is in the kernel's page cache the moment the commit returns. Only
+and labels), one row per container whose sandbox was removed but whose
+deletion by the engine has not finished yet, and one row per unclaimed
+warm-pool member (written before its container is made; a claim moves it to
+the sandboxes table in one commit). Writes are committed before
+``put``/``delete`` return, in WAL mode with ``synchronous=NORMAL``: a committed
+change survives the daemon being killed at any moment (SIGKILL, OOM, a
+crash) and dockerd restarting, because it is in the kernel's page cache the
+moment the commit returns. Only
 a host crash or power loss can lose the last commits, and those also end
 every container (no restart policy), so the rows they would describe are
 dropped at the next start anyway; FULL would add an fsync to every pause,
@@ -73,6 +77,12 @@ class StateStore:
         db.execute(
             "CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, record TEXT NOT NULL)"
         )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS removals (container TEXT PRIMARY KEY, sandbox TEXT)"
+        )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS pool_members (id TEXT PRIMARY KEY, record TEXT NOT NULL)"
+        )
         self._db = db
         records = []
         for (text,) in db.execute("SELECT record FROM sandboxes"):
@@ -90,6 +100,63 @@ class StateStore:
     async def delete(self, sid: str) -> None:
         self._dirty.pop(sid, None)
         self._conn().execute("DELETE FROM sandboxes WHERE id = ?", (sid,))
+
+    async def begin_removal(self, sid: str, container: str) -> None:
+        """The sandbox is gone for its user; its container is still to be deleted. One
+        commit: a crash from here on still deletes the container at the next start."""
+        self._dirty.pop(sid, None)
+        db = self._conn()
+        with db:
+            db.execute("BEGIN")
+            db.execute("DELETE FROM sandboxes WHERE id = ?", (sid,))
+            db.execute("INSERT OR REPLACE INTO removals (container, sandbox) VALUES (?, ?)",
+                       (container, sid))
+
+    async def end_removal(self, container: str) -> None:
+        self._conn().execute("DELETE FROM removals WHERE container = ?", (container,))
+
+    def pending_removals(self) -> list[tuple[str, str]]:
+        """(container, sandbox id) of every container still to be deleted."""
+        rows = self._conn().execute("SELECT container, sandbox FROM removals").fetchall()
+        return [(str(c), str(s)) for c, s in rows]
+
+    # -- warm-pool members: a row before the container, gone in the claim's commit ------
+
+    async def put_member(self, record: SandboxRecord) -> None:
+        self._conn().execute("INSERT OR REPLACE INTO pool_members (id, record) VALUES (?, ?)",
+                             (record.id, record_to_json(record)))
+
+    def members(self) -> list[SandboxRecord]:
+        """Every warm-pool member recorded (unclaimed)."""
+        out = []
+        for (text,) in self._conn().execute("SELECT record FROM pool_members"):
+            try:
+                out.append(record_from_json(text))
+            except (ValueError, TypeError):
+                continue
+        return out
+
+    async def claim_member(self, record: SandboxRecord) -> None:
+        """One commit: the member is gone from the pool and is this caller's sandbox."""
+        self._dirty.pop(record.id, None)
+        db = self._conn()
+        with db:
+            db.execute("BEGIN")
+            db.execute("DELETE FROM pool_members WHERE id = ?", (record.id,))
+            db.execute("INSERT OR REPLACE INTO sandboxes (id, record) VALUES (?, ?)",
+                       (record.id, record_to_json(record)))
+
+    async def begin_member_removal(self, sid: str, container: str | None) -> None:
+        """One commit: the member leaves the pool; its container (if made) is to be deleted."""
+        db = self._conn()
+        with db:
+            db.execute("BEGIN")
+            db.execute("DELETE FROM pool_members WHERE id = ?", (sid,))
+            if container is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO removals (container, sandbox) VALUES (?, ?)",
+                    (container, sid),
+                )
 
     def touch(self, record: SandboxRecord) -> None:
         """Write the record behind, within ``TOUCH_DELAY`` (activity timestamps)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from agentproc import Agent, children_of, pid_alive, wait_until
+from agentproc import ExecResult as agentproc_result
 
 from sandboxd.agent import frames as fr
 
@@ -204,6 +205,25 @@ def test_kill_tree_catches_setsid_env_i_and_double_forks(agent: Agent) -> None:
     res = agent.wait_exit(exec_id)
     assert res.exit is not None and res.code == 137 and res.exit.signaled
     wait_until(lambda: not any(pid_alive(p) for p in pids), what="the sleepers to die")
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGKILL, 137), (signal.SIGTERM, 143)])
+def test_a_signal_sent_with_the_start_is_not_lost(agent: Agent, sig: int, code: int) -> None:
+    """START and SIGNAL in one write: the agent reads the SIGNAL before the supervisor has
+    forked the command; it is delivered when the command is reported started."""
+    tag = random.randrange(100000, 900000)
+    for _ in range(5):
+        exec_id = agent.new_id()
+        agent.execs[exec_id] = agentproc_result(exec_id)
+        agent.send(fr.encode_start(exec_id, ["sh", "-c", f"sleep {tag}1 & sleep {tag}2; wait"])
+                   + fr.encode_signal(exec_id, sig))
+        res = agent.wait_exit(exec_id)
+        assert res.code == code
+        if sig == signal.SIGKILL:
+            wait_until(lambda: not _sleepers(tag), what="the sleepers to die")
+        else:
+            for pid in _sleepers(tag):  # SIGTERM goes to the group: sh's own sleeps too
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_signal_9_after_exit_kills_what_the_command_left(agent: Agent) -> None:

@@ -111,6 +111,8 @@ static void destroy(struct exec *e)
 
 /* ---- reports from the supervisor --------------------------------------------------------- */
 
+static void kill_tree(struct exec *e);
+
 void exec_started(struct exec *e, pid_t cmd)
 {
     if (e->started)
@@ -120,6 +122,12 @@ void exec_started(struct exec *e, pid_t cmd)
     uint8_t p[4];
     put_u32(p, (uint32_t)cmd);
     outq_frame(T_STARTED, 0, e->id, p, sizeof p, NULL, 0);
+    uint32_t sig = e->pending_sig;
+    e->pending_sig = 0;
+    if (sig == SIGKILL)
+        kill_tree(e);
+    else if (sig)
+        (void)kill(-cmd, (int)sig);
 }
 
 void exec_failed(struct exec *e, int err)
@@ -217,6 +225,8 @@ void exec_signal(uint64_t id, uint32_t signo)
         send_error(ERR_BAD_PAYLOAD, id, "no such signal");
         return;
     }
+    if (!e->started && e->sup_alive) /* not forked yet, or not reported: again at STARTED */
+        e->pending_sig = signo;
     if (signo == SIGKILL)
         kill_tree(e);
     else if (e->cmd_pid > 0 && e->sup_alive)

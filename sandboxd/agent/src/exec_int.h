@@ -16,6 +16,7 @@ struct exec {
     pid_t cmd_pid;  /* the command, 0 until reported */
     bool sup_alive;
     bool started;   /* STARTED queued */
+    uint32_t pending_sig; /* a SIGNAL that came before the command was started */
 
     int report_fd; /* the supervisor's report pipe, -1 once closed */
     uint8_t rep_buf[8];

@@ -214,6 +214,8 @@ _Noreturn static void supervisor(const struct cmd_spec *spec, int report_fd, pid
         report(report_fd, REPORT_FAILED, errno);
         _exit(0);
     }
+    if (!c.ctty) /* its group exists before STARTED: a signal to it cannot miss */
+        (void)setpgid(cmd, cmd);
     close_quiet(4);
     close_quiet(5);
     close_quiet(6);

@@ -10,6 +10,8 @@ cgroup files. It must not know about owners, policy, deadlines or the wire.
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import io
 import tarfile
 from collections.abc import AsyncIterator
@@ -24,6 +26,7 @@ from sandboxd.backend.base import (
     ContainerInfo,
     ContainerSpec,
     ContainerSummary,
+    ImageInfo,
     Process,
     ProcessSpec,
 )
@@ -32,9 +35,9 @@ from sandboxd.backend.docker.channel import DockerChannel
 from sandboxd.backend.docker.containerspec import container_config
 from sandboxd.backend.docker.engine import Engine
 from sandboxd.backend.docker.processes import DockerProcess
-from sandboxd.backend.docker.proctree import process_alive
+from sandboxd.backend.docker.proctree import kill_container_init, process_alive
 from sandboxd.backend.docker.stats import StatsReader
-from sandboxd.wire.errors import EngineError
+from sandboxd.wire.errors import Conflict, EngineError, NotFound, SandboxdError
 from sandboxd.wire.units import parse_time
 
 FOLLOWED_ACTIONS = ["pause", "unpause", "die", "oom", "destroy", "start"]
@@ -112,6 +115,8 @@ class DockerBackend(Backend):
         self._data_root: str | None = None
         self._layouts: dict[str, disk.Layout] = {}
         self._workdir_ok: dict[tuple[str, str], bool] = {}  # (image, workdir): writable by all
+        self._pids: dict[str, int] = {}  # container id -> its main process's host pid
+        self._learning: set[asyncio.Task[None]] = set()
 
     async def version(self) -> dict[str, Any]:
         version = await self.engine.version()
@@ -158,6 +163,34 @@ class DockerBackend(Backend):
 
     async def start(self, container_id: str) -> None:
         await self.engine.start(container_id)
+        # Learn its main process's pid now, in the background, so a removal can kill it
+        # from the host at once instead of asking the engine.
+        task = asyncio.get_running_loop().create_task(self._learn_pid(container_id))
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
+
+    async def _learn_pid(self, container_id: str) -> None:
+        with contextlib.suppress(SandboxdError):
+            await self.inspect(container_id)
+
+    async def update_limits(self, container_id: str, memory: int, cpus: float,
+                            pids: int) -> None:
+        await self.engine.update_limits(container_id, memory, cpus, pids)
+
+    async def kill_now(self, container_id: str) -> bool:
+        pid = self._pids.get(container_id)
+        if pid is None:
+            try:
+                pid = (await self.inspect(container_id)).pid
+            except SandboxdError:
+                return False
+        if pid > 0 and await asyncio.to_thread(kill_container_init, pid, container_id):
+            return True
+        try:
+            await self.engine.kill(container_id)
+        except (Conflict, NotFound):
+            return True  # not running, or gone: nothing left to kill
+        return True
 
     async def pause(self, container_id: str) -> None:
         await self.engine.pause(container_id)
@@ -170,7 +203,10 @@ class DockerBackend(Backend):
         return await self.engine.remove(container_id)
 
     async def inspect(self, container_id: str) -> ContainerInfo:
-        return container_info(await self.engine.inspect(container_id))
+        info = container_info(await self.engine.inspect(container_id))
+        if info.pid > 0:
+            self._pids[info.id] = info.pid
+        return info
 
     async def list(self, label: str) -> list[ContainerSummary]:
         return [
@@ -238,6 +274,52 @@ class DockerBackend(Backend):
     def forget(self, container_id: str) -> None:
         self._stats.forget(container_id)
         self._layouts.pop(container_id, None)
+        self._pids.pop(container_id, None)
+
+    # -- images --------------------------------------------------------------
+
+    async def images(self) -> builtins.list[ImageInfo]:
+        return [
+            ImageInfo(
+                id=str(i.get("Id")),
+                refs=tuple(t for t in i.get("RepoTags") or () if t != "<none>:<none>"),
+                size=int(i.get("Size") or 0),
+                created=float(i.get("Created") or 0),
+                labels=dict(i.get("Labels") or {}),
+            )
+            for i in await self.engine.images()
+        ]
+
+    async def image(self, ref: str) -> ImageInfo:
+        data = await self.engine.image_inspect(ref)
+        created = _started_at({"StartedAt": data.get("Created")}) or 0.0
+        return ImageInfo(
+            id=str(data.get("Id")),
+            refs=tuple(data.get("RepoTags") or ()),
+            size=int(data.get("Size") or 0),
+            created=created,
+            labels=dict((data.get("Config") or {}).get("Labels") or {}),
+        )
+
+    async def pull(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+        async for line in self.engine.pull(ref):
+            if line.get("error"):  # the engine reports a failed pull inside its stream
+                raise EngineError(f"Pulling {ref!r} failed: {str(line['error'])[:300]}",
+                                  {"image": ref})
+            detail = line.get("progressDetail") or {}
+            yield {
+                "id": line.get("id"),
+                "status": line.get("status"),
+                "current": detail.get("current"),
+                "total": detail.get("total"),
+            }
+
+    async def commit(self, container_id: str, repository: str, tag: str,
+                     labels: dict[str, str], pause: bool) -> str:
+        return await self.engine.commit(container_id, repository, tag, labels, pause)
+
+    async def remove_image(self, ref: str) -> None:
+        await self.engine.image_remove(ref)
 
 
 

@@ -275,6 +275,51 @@ class Engine:
             container = self.docker.containers.container(cid)
             await container.put_archive(path, data)  # type: ignore[no-untyped-call]
 
+    # images -------------------------------------------------------------
+    async def images(self) -> list[dict[str, Any]]:
+        with translate("list images"):
+            result = await self.docker.images.list()
+            return [dict(i) for i in result]
+
+    async def image_inspect(self, ref: str) -> dict[str, Any]:
+        with translate("inspect an image"):
+            return dict(await self.docker.images.inspect(ref))
+
+    async def pull(self, ref: str) -> AsyncIterator[dict[str, Any]]:
+        """Pull ``ref``, yielding the engine's progress lines."""
+        with translate(f"pull {ref}"):
+            async for line in self.streams.images.pull(ref, stream=True):
+                yield dict(line)
+
+    async def image_remove(self, ref: str) -> None:
+        with translate("remove an image"):
+            await self.docker.images.delete(ref)
+
+    async def commit(self, cid: str, repository: str, tag: str, labels: dict[str, str],
+                     pause: bool) -> str:
+        with translate("commit the container"):
+            container = self.docker.containers.container(cid)
+            # The engine merges these labels over the container's own: the sandbox labels
+            # travel into the image, and records.container_labels blanks them again in
+            # every sandbox made from it.
+            result = await container.commit(
+                repository=repository, tag=tag, pause=pause, config={"Labels": labels},
+            )
+            return str(result["Id"])
+
+    async def update_limits(self, cid: str, memory: int, cpus: float, pids: int) -> None:
+        """Change a running container's memory (swap kept equal), cpus and pids limits."""
+        with translate("update the container's limits"):
+            await self.docker._query_json(
+                f"containers/{cid}/update", method="POST",
+                data={"Memory": memory, "MemorySwap": memory,
+                      "NanoCpus": int(cpus * 1e9), "PidsLimit": pids},
+            )
+
+    async def kill(self, cid: str) -> None:
+        with translate("kill the container"):
+            await self.docker.containers.container(cid).kill(signal="KILL")
+
     async def stats_once(self, cid: str) -> dict[str, Any]:
         """One stats sample without Docker's 1-2 s CPU sampling wait."""
         # Raw: aiodocker's stats() has no ``one-shot`` parameter, and without it every

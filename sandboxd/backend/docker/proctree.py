@@ -61,6 +61,26 @@ def process_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+def kill_container_init(pid: int, container_id: str) -> bool:
+    """SIGKILL a container's main process (its whole pid namespace dies with it), if
+    ``pid`` still is that container's: its cgroup names the container. Blocking reads."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        try:
+            cgroups = (PROC / str(pid) / "cgroup").read_text()
+        except OSError:
+            return False
+        if container_id not in cgroups:
+            return False  # the pid was reused: never signal a stranger
+        _signal(fd, signal.SIGKILL)
+        return True
+    finally:
+        os.close(fd)
+
+
 def _has_marker(pid: int, marker: bytes) -> bool:
     try:
         return marker in (PROC / str(pid) / "environ").read_bytes()

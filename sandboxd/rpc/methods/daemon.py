@@ -20,9 +20,11 @@ def build_daemon_methods(
     registry: Registry,
     engine_info: Callable[[], Awaitable[dict[str, Any]]],
     disk_info: Callable[[], dict[str, Any]],
+    pool_info: Callable[[], dict[str, Any]],
 ) -> list[Method]:
     """``engine_info()`` reports the engine (``services.health.engine_info`` bound to it),
-    ``disk_info()`` how disk is held (``services.diskguard``)."""
+    ``disk_info()`` how disk is held (``services.diskguard``), ``pool_info()`` each warm
+    pool (``services.pool``)."""
     started_at = time.monotonic()
 
     def ping(ctx: CallContext, args: dict[str, Any]) -> str:
@@ -35,7 +37,7 @@ def build_daemon_methods(
             "engine": await engine_info(),
             "sandboxes": len(registry.list(ctx.caller, None, None)),
             "uptime": round(time.monotonic() - started_at, 3),
-            "pool": {},
+            "pool": pool_info(),
             "disk": disk_info(),
             "caller": ctx.caller.to_wire(),
         }

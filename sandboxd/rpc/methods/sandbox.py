@@ -14,6 +14,7 @@ from sandboxd.core.settings import Defaults, Policy
 from sandboxd.core.status import STATUSES
 from sandboxd.rpc import params as p
 from sandboxd.rpc.dispatcher import CallContext, Method
+from sandboxd.services.images import ImageService
 from sandboxd.services.sandboxes import SandboxService
 
 MAX_TTL = 10 * 365 * 86400.0
@@ -24,7 +25,7 @@ def sandbox_id() -> p.Field:
 
 
 def build_sandbox_methods(
-    sandboxes: SandboxService, defaults: Defaults, policy: Policy
+    sandboxes: SandboxService, images: ImageService, defaults: Defaults, policy: Policy
 ) -> list[Method]:
     registry = sandboxes.registry
 
@@ -53,6 +54,10 @@ def build_sandbox_methods(
 
     async def stats(ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
         return await sandboxes.stats(ctx.caller, args["id"])
+
+    async def snapshot(ctx: CallContext, args: dict[str, Any]) -> dict[str, Any]:
+        record = registry.lookup(ctx.caller, args["id"])
+        return await images.snapshot(ctx.caller, record, args.get("ref"))
 
     size = p.Field(p.size())
     create_params = {
@@ -94,4 +99,6 @@ def build_sandbox_methods(
         ),
         Method("sandbox.remove", remove, {"id": sandbox_id()}),
         Method("sandbox.stats", stats, {"id": sandbox_id()}),
+        Method("sandbox.snapshot", snapshot,
+               {"id": sandbox_id(), "ref": p.Field(p.string(200))}),
     ]
