@@ -380,6 +380,9 @@ def pool_pairs(pools: Mapping[str, PoolInfo]) -> list[tuple[str, str]]:
 @click.option("--readonly-rootfs/--no-readonly-rootfs", default=None,
               help="Mount the root filesystem read-only.")
 @click.option("--user", help="User to run as inside the sandbox.")
+@click.option("--disk", metavar="SIZE", callback=_size_cb,
+              help="Limit on all the sandbox writes: bytes, or like 1g.")
+@click.option("--runtime", help="Container runtime where the policy allows it, e.g. runsc.")
 @common_options()
 @click.pass_context
 def create(
@@ -397,14 +400,18 @@ def create(
     network: str | None,
     readonly_rootfs: bool | None,
     user: str | None,
+    disk: int | str | None,
+    runtime: str | None,
 ) -> None:
     """Create a sandbox and print its ID (or, with --json, the whole sandbox)."""
     env_map = _key_values(env, "--env") if env else None
     labels = _key_values(label, "--label") if label else None
+    extra: dict[str, Any] = {k: v for k, v in (("disk", disk), ("runtime", runtime))
+                             if v is not None}
     sb = run(ctx, lambda c: c.create(
         image=image, name=name, memory=memory, cpus=cpus, pids=pids, ttl=ttl,
         idle_timeout=idle_timeout, env=env_map, workdir=workdir, labels=labels,
-        network=network, readonly_rootfs=readonly_rootfs, user=user,
+        network=network, readonly_rootfs=readonly_rootfs, user=user, **extra,
     ))
     _print_sandbox(ctx, sb)
 

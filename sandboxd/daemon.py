@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import grp
 import os
@@ -52,7 +51,7 @@ from sandboxd.services.diskguard import DiskGuard
 from sandboxd.services.eventbus import EventBus
 from sandboxd.services.execs import ExecService
 from sandboxd.services.files import FileService
-from sandboxd.services.health import engine_info
+from sandboxd.services.health import EngineInfo
 from sandboxd.services.images import ImageService
 from sandboxd.services.pool import PoolService
 from sandboxd.services.reconcile import EngineWatcher, Reconciler
@@ -204,7 +203,8 @@ async def build(config: Config) -> Daemon:
         relist_interval=config.relist_interval,
     )
     dispatcher = Dispatcher(
-        build_daemon_methods(registry, functools.partial(engine_info, backend), disk_guard.info,
+        build_daemon_methods(registry, EngineInfo(backend, lambda: watcher.reachable),
+                             disk_guard.info,
                              pool.info)
         + build_sandbox_methods(sandboxes, images, config.defaults, config.policy)
         + build_image_methods(images)

@@ -79,6 +79,29 @@ async def eventually(probe: Callable[[], Awaitable[bool]], within: float = 30.0,
     return time.monotonic() - start
 
 
+def local_refs(token: str) -> list[str]:
+    """Every local image reference that holds ``token``."""
+    out = docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False)
+    return [ref for ref in out.split() if token in ref]
+
+
+def remove_images(refs: list[str], within: float = REMOVAL_GRACE) -> None:
+    """Delete these images by id (every tag), once no container uses them any more.
+
+    A removed sandbox's container is deleted just after the reply, in the
+    background; deleting its image before would only untag it (a dangling
+    image left behind).
+    """
+    ids = {docker("image", "inspect", "-f", "{{.Id}}", ref, check=False).strip() for ref in refs}
+    ids.discard("")
+    deadline = time.monotonic() + within
+    for image_id in ids:
+        while (docker("ps", "-aq", "--filter", f"ancestor={image_id}", check=False).strip()
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        docker("rmi", "-f", image_id, check=False)
+
+
 def labelled_containers() -> set[str]:
     """This session's sandbox containers."""
     out = docker("ps", "-a", "--no-trunc", "--filter", f"label={LABEL}",

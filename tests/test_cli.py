@@ -127,3 +127,16 @@ def test_every_command_takes_socket_and_json_after_its_name(
     res = invoke("rm", made, "--json", "--socket", s)
     assert res.exit_code == 0 and json.loads(res.stdout) == [
         {"id": made, "removed": True, "error": None}]
+
+
+def test_create_takes_disk_and_runtime(daemon: Daemon) -> None:
+    proc = ctl(daemon.socket, "create", "--ttl", "60", "--disk", "64m", "--json")
+    assert proc.returncode == 0, proc.stderr
+    made = json.loads(proc.stdout)
+    try:
+        assert made["limits"]["disk_bytes"] == 64 * 1024**2
+    finally:
+        ctl(daemon.socket, "rm", made["id"])
+    denied = ctl(daemon.socket, "create", "--ttl", "60", "--runtime", "runsc")
+    assert denied.returncode == 1  # the session daemon's policy allows no other runtime
+    assert denied.stderr.decode().startswith("sandboxctl: permission_denied: Runtime 'runsc'")

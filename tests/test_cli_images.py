@@ -20,12 +20,11 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import BASE_IMAGE, REMOVAL_GRACE, Daemon, docker
+from conftest import BASE_IMAGE, Daemon, docker, local_refs, remove_images
 from registry import Registry, local_registry, make_unique_image, push_image
 from sandboxd_client import PoolInfo, PullProgress
 from sandboxd_client.cli import PullView, cli, pool_pairs
@@ -59,20 +58,8 @@ def one_error_line(stderr: str, code: str) -> None:
 # -- fixtures (images removed by id once no container uses them) ----------------------
 
 
-def _local_refs(token: str) -> list[str]:
-    out = docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False)
-    return [ref for ref in out.split() if token in ref]
 
 
-def _remove_images(refs: list[str]) -> None:
-    ids = {docker("image", "inspect", "-f", "{{.Id}}", ref, check=False).strip() for ref in refs}
-    ids.discard("")
-    deadline = time.monotonic() + REMOVAL_GRACE
-    for image_id in ids:
-        while (docker("ps", "-aq", "--filter", f"ancestor={image_id}", check=False).strip()
-               and time.monotonic() < deadline):
-            time.sleep(0.1)
-        docker("rmi", "-f", image_id, check=False)
 
 
 @pytest.fixture
@@ -80,7 +67,7 @@ def token() -> Iterator[str]:
     """A name part unique to this test; every local image naming it is removed afterwards."""
     t = f"c{secrets.token_hex(4)}"
     yield t
-    _remove_images(_local_refs(t))
+    remove_images(local_refs(t))
 
 
 @pytest.fixture
@@ -111,7 +98,7 @@ def pushed(registry: Registry, token: str) -> Iterator[Callable[[str], str]]:
         return ref
 
     yield push
-    _remove_images(made)
+    remove_images(made)
 
 
 # -- pure: rendering --------------------------------------------------------------------

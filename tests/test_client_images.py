@@ -16,18 +16,18 @@ import os
 import re
 import secrets
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import (
     BASE_IMAGE,
-    REMOVAL_GRACE,
     Daemon,
     MakeSandbox,
     docker,
+    local_refs,
     reachable,
+    remove_images,
     run_as,
 )
 from registry import Registry, local_registry, make_unique_image, push_image
@@ -55,26 +55,8 @@ LAYER_BYTES = 32 << 20  # big enough that extracting it is seen in progress even
 # -- fixtures -------------------------------------------------------------------------
 
 
-def _local_refs(token: str) -> list[str]:
-    out = docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False)
-    return [ref for ref in out.split() if token in ref]
 
 
-def remove_images(refs: list[str], within: float = REMOVAL_GRACE) -> None:
-    """Delete these images by id (every tag), once no container uses them any more.
-
-    A removed sandbox's container is deleted just after the reply, in the
-    background; deleting its image before would only untag it (a dangling
-    image left behind).
-    """
-    ids = {docker("image", "inspect", "-f", "{{.Id}}", ref, check=False).strip() for ref in refs}
-    ids.discard("")
-    deadline = time.monotonic() + within
-    for image_id in ids:
-        while (docker("ps", "-aq", "--filter", f"ancestor={image_id}", check=False).strip()
-               and time.monotonic() < deadline):
-            time.sleep(0.1)
-        docker("rmi", "-f", image_id, check=False)
 
 
 @pytest.fixture
@@ -90,8 +72,8 @@ def images_named(token: str) -> Iterator[Callable[[], list[str]]]:
     Yields a function that lists them now. Ask for it before ``make_sandbox``,
     so that it is torn down after the sandboxes.
     """
-    yield lambda: _local_refs(token)
-    remove_images(_local_refs(token))
+    yield lambda: local_refs(token)
+    remove_images(local_refs(token))
 
 
 @pytest.fixture(scope="module")

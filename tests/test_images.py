@@ -11,7 +11,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import Daemon, MakeSandbox, docker, docker_inspect, raw_call, reachable, run_as
+from conftest import (
+    Daemon,
+    MakeSandbox,
+    docker_inspect,
+    raw_call,
+    reachable,
+    remove_images,
+    run_as,
+)
 from sandboxd_client import NotFound, PermissionDenied, SandboxClient
 from sandboxd_client.blocking import Client as BlockingClient
 
@@ -20,15 +28,15 @@ OTHER = 65534
 
 @pytest.fixture
 def drop_images() -> Iterator[list[str]]:
-    """Refs to delete after the test (after its sandboxes are gone)."""
+    """Refs to delete after the test, once no container uses them (ask for this fixture
+    before ``make_sandbox``: it is then torn down after it)."""
     refs: list[str] = []
     yield refs
-    for ref in refs:
-        docker("rmi", "-f", ref, check=False)
+    remove_images(refs)
 
 
 async def test_a_paused_sandbox_is_snapshotted_and_stays_paused(
-    client: SandboxClient, make_sandbox: MakeSandbox, drop_images: list[str],
+    drop_images: list[str], client: SandboxClient, make_sandbox: MakeSandbox,
 ) -> None:
     sb = await make_sandbox(labels={"origin": "yes"}, name=f"orig-{secrets.token_hex(3)}")
     assert (await sb.exec(["sh", "-c", "echo kept > data.txt; mkdir d; echo x > d/y"])) \
@@ -62,7 +70,7 @@ def forged_image() -> Iterator[str]:
     subprocess.run(["docker", "build", "-q", "-t", ref, "-"], input=dockerfile.encode(),
                    check=True, capture_output=True, timeout=120)
     yield ref
-    docker("rmi", "-f", ref, check=False)
+    remove_images([ref])
 
 
 def _as_other(socket_path: str, ref: str) -> dict[str, Any]:
@@ -100,7 +108,7 @@ def test_image_ensure_refusals(spawn_daemon: Callable[..., Daemon]) -> None:
 
 
 async def test_a_snapshot_id_of_another_user_is_not_found(
-    spawn_daemon: Callable[..., Daemon], drop_images: list[str],
+    drop_images: list[str], spawn_daemon: Callable[..., Daemon],
 ) -> None:
     d = reachable(spawn_daemon())
     async with SandboxClient(d.socket) as root:

@@ -38,8 +38,15 @@ from sandboxd.rpc.params import (
     string_map,
     validate,
 )
+from sandboxd.services.health import EngineInfo
 from sandboxd.services.scheduler import DeadlineScheduler
-from sandboxd.wire.errors import Conflict, InvalidParams, PermissionDenied, TooLarge
+from sandboxd.wire.errors import (
+    Conflict,
+    EngineUnavailable,
+    InvalidParams,
+    PermissionDenied,
+    TooLarge,
+)
 from sandboxd.wire.units import format_time, parse_size, parse_time
 
 pytestmark = pytest.mark.pure  # no Docker Engine: no engine start, no leak check
@@ -812,3 +819,34 @@ async def test_scheduler_callback_may_rearm_its_own_key() -> None:
         assert sched.due_at("idle") is None
     finally:
         await sched.stop()
+
+
+class _Versions:
+    """Stands in for the backend's version call only (what EngineInfo's caching is about)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.up = True
+
+    async def version(self) -> dict[str, Any]:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        if not self.up:
+            raise EngineUnavailable("down")
+        return {"version": "x", "api_version": "1.41"}
+
+
+async def test_engine_info_is_shared_kept_and_follows_the_event_stream() -> None:
+    backend = _Versions()
+    following = [True]
+    info = EngineInfo(backend, lambda: following[0])  # type: ignore[arg-type]
+    answers = await asyncio.gather(*(info() for _ in range(10)))
+    assert backend.calls == 1 and all(a["reachable"] for a in answers)
+    await info()
+    assert backend.calls == 1  # kept
+    backend.up, following[0] = False, False  # the event stream saw the engine go
+    assert (await info())["reachable"] is False and backend.calls == 2
+    await info()
+    assert backend.calls == 2  # "unreachable" is kept too, while the stream agrees
+    backend.up, following[0] = True, True  # and come back
+    assert (await info())["reachable"] is True and backend.calls == 3

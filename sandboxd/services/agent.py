@@ -39,6 +39,9 @@ log = structlog.get_logger("sandboxd.agent")
 STARTING, READY, UNAVAILABLE, FAILED = "starting", "ready", "unavailable", "failed"
 HELLO_EVERY = 0.5  # seconds between HELLOs until the agent answers
 HANDSHAKE_LIMIT = 10.0  # no STATE within this: the stream is given up and attached again
+# Bytes an agent may send before its STATE (leftovers of an earlier channel are far less);
+# more is a flood, ended as a violation instead of being parsed again at every re-attach.
+HANDSHAKE_DISCARD_MAX = 16 * 1024 * 1024
 ACK_STEP = 256 * 1024  # output acknowledged at least every this many bytes consumed
 ACK_DELAY = 0.01  # a consumer that caught up is acknowledged this soon after (coalesced)
 MERGE_MAX = 1024 * 1024  # contiguous pieces of one stream handed on together, up to this
@@ -46,6 +49,7 @@ STDIN_CHUNK = 256 * 1024
 RETRY_FIRST, RETRY_MAX = 0.1, 2.0
 RELEASED_MEMORY = 256  # ids of released execs whose late frames are still tolerated
 CHANNEL_GRACE = 30.0  # a channel down this long: those waiting for commands get an error
+STAY_DOWN = 5.0  # a channel down this long is not waited for by new calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +299,7 @@ class AgentSession:
         self._grace: asyncio.TimerHandle | None = None
         self._channel: Channel | None = None
         self._ready = asyncio.Event()
+        self._down_since = 0.0
         self._task: asyncio.Task[None] | None = None
         self.log = log.bind(sandbox_id=sandbox_id)
 
@@ -316,8 +321,12 @@ class AgentSession:
         self._lost(EngineUnavailable("The sandbox is gone."), final=True)
 
     async def wait_ready(self, within: float) -> bool:
+        """Whether the agent is (or within ``within`` becomes) ready. A channel that has
+        been down for a while is not waited for: callers then use the engine at once."""
         if self.state in (READY, FAILED):
             return self.ready
+        if self.state == UNAVAILABLE and time.monotonic() - self._down_since > STAY_DOWN:
+            return False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 await self._ready.wait()
@@ -424,6 +433,8 @@ class AgentSession:
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state == self.state and error == self.error:
             return
+        if state == UNAVAILABLE and self.state != UNAVAILABLE:
+            self._down_since = time.monotonic()
         self.state, self.error = state, error
         if state == READY:
             self._ready.set()
@@ -492,6 +503,9 @@ class AgentSession:
                     if data is None:
                         raise EngineUnavailable("The agent's stream ended during the handshake.")
                     decoder.feed(data)
+                    if decoder.discarded > HANDSHAKE_DISCARD_MAX:
+                        raise fr.ChannelViolation(
+                            f"over {HANDSHAKE_DISCARD_MAX} bytes before the answer to HELLO")
                 elif time.monotonic() >= next_hello:
                     nonce = fr.new_nonce()
                     decoder.expect(nonce)

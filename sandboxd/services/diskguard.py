@@ -35,6 +35,8 @@ log = structlog.get_logger("sandboxd.disk")
 
 COST_SHARE = 20  # a measurement that took t seconds waits at least 20 t before the next
 RECOVERED = 1.1  # free space back above floor x this ends the low-space state
+SLACK = 1024 * 1024  # over the limit by less: the engine's own files (hostname, hosts) and
+# directory blocks, which a file stopped at the limit by RLIMIT_FSIZE does not include
 LIMIT = "disk_limit"
 HOST_LOW = "host_disk_low"
 
@@ -150,7 +152,7 @@ class DiskGuard:
         grew = before is None or used > before
         if not grew:
             return
-        if self.enforcement == "measured" and record.disk and used > record.disk:
+        if self.enforcement == "measured" and record.disk and used > record.disk + SLACK:
             await self._freeze(record, {"cause": LIMIT, "used_bytes": used,
                                         "limit_bytes": record.disk})
         elif self.low and before is not None:

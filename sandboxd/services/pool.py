@@ -42,6 +42,7 @@ REFILL_CONCURRENCY = 2  # members being made at once, all pools together
 READY_WAIT = 30.0  # seconds a new member's agent has to answer its first HELLO
 HEALTH_PING = 1.0  # seconds a member's agent has to answer the PING before a claim
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0  # back-off after a member could not be made
+REFILL_DELAY = 0.2  # seconds between a claim and the start of its replacement
 # What a claim must match exactly; memory, cpus and pids may differ (the engine's update
 # changes them on the running container).
 EXACT = ("image", "network", "user", "disk", "workdir", "readonly_rootfs", "runtime",
@@ -151,7 +152,9 @@ class PoolService:
         for pool in fitting:
             while pool.ready:
                 member = pool.ready.popleft()  # from here no other claim can have it
-                self._kick.set()
+                # Refill a moment later: making a container takes the host's CPUs, which
+                # the claimed sandbox's first commands need now.
+                asyncio.get_running_loop().call_later(REFILL_DELAY, self._kick.set)
                 session = member.session
                 if session is not None and await session.ping(HEALTH_PING):
                     pool.claims += 1
@@ -272,6 +275,8 @@ class PoolService:
         member: Member | None = None
         try:
             async with self._slots:
+                for check in self.sandboxes.admission:  # e.g. the host's disk floor
+                    check()
                 member = await self._new_member(pool)
                 await self._bring_up(member)
         except asyncio.CancelledError:

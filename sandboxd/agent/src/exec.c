@@ -206,13 +206,24 @@ void exec_close_stdin(uint64_t id)
         exio_close_stdin_now(e);
 }
 
-/* Stop all, then kill, in the exec's tree (the supervisor stays to reap). */
+static bool no_subreaper;
+
+void execs_no_subreaper(void)
+{
+    no_subreaper = true;
+}
+
+/* Stop all, then kill, in the exec's tree (the supervisor stays to reap). Without
+ * subreapers, also every orphan the agent inherited: what escaped this exec is among them
+ * (and so may be what escaped another). */
 static void kill_tree(struct exec *e)
 {
     if (!e->sup_alive)
         return;
     if (proctree_kill(e->sup_pid, NULL, 0) < 0 && e->cmd_pid > 0)
         (void)kill(-e->cmd_pid, SIGKILL); /* no /proc: at least the command's group */
+    if (no_subreaper)
+        (void)proctree_kill(getpid(), sups, nsups);
     (void)kill(e->sup_pid, SIGCONT); /* a supervisor stopped from inside must still reap */
 }
 
@@ -353,6 +364,8 @@ size_t execs_pollfds(struct pollfd *pfd, int64_t now, int64_t *deadline)
         if (e->in_fd >= 0 && e->in_len)
             n = add_fd(pfd, n, e->in_fd, POLLOUT, e, R_IN);
         min_deadline(deadline, e->deadline);
+        if (e->send_pos < e->end_off && exio_holding(e, now))
+            min_deadline(deadline, e->unsent_since + (int64_t)COALESCE_MS * NS_PER_MS);
         if (e->have_status && !e->drained && !e->blocked) {
             int64_t q = DRAIN_QUIET_MS * NS_PER_MS - e->drain_quiet;
             int64_t m = DRAIN_MAX_MS * NS_PER_MS - e->drain_used;

@@ -13,6 +13,10 @@
 
 /* Defaults every exec starts from: the agent's environment and umask. */
 void execs_init(char **env, mode_t umask);
+/* The kernel has no child subreapers (gVisor): what escapes an exec's supervisor (setsid,
+ * double fork) lands on the agent, so a kill of an exec's tree also kills the agent's
+ * orphans. */
+void execs_no_subreaper(void);
 
 /* Frames from the daemon (each answers on the channel itself when it has to). */
 void exec_start(uint64_t id, const struct start_req *req);

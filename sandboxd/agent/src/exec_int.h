@@ -37,6 +37,7 @@ struct exec {
     uint64_t acked;    /* never goes back */
     uint64_t send_pos; /* next offset to send */
     uint64_t sent_max; /* highest offset sent */
+    int64_t unsent_since; /* when the oldest output not yet sent was read (coalescing) */
 
     bool have_status;
     int status; /* wait status */
@@ -60,6 +61,7 @@ uint64_t exio_first_held(const struct exec *e, uint64_t from);
 void exio_close_stdin_now(struct exec *e);
 void exio_close_outputs(struct exec *e);
 bool exio_output_frame(struct exec *e);
+bool exio_holding(const struct exec *e, int64_t now);
 
 /* exec.c */
 struct exec *exec_find(uint64_t id);

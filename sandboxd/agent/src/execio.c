@@ -96,6 +96,8 @@ void exio_read_output(struct exec *e, int s)
             close_output(e, s);
             return;
         }
+        if (e->send_pos >= e->end_off) /* the first output not yet sent */
+            e->unsent_since = now_ns();
         ring_commit(&e->ring[s], e->end_off, (size_t)r);
         e->end_off += (uint64_t)r;
         e->drain_quiet = 0;
@@ -168,9 +170,18 @@ uint64_t exio_first_held(const struct exec *e, uint64_t from)
     return best;
 }
 
+/* A little output from a command still writing waits up to COALESCE_MS for more: a
+ * producer that writes 4 KiB at a time then goes out in frames of about COALESCE_BYTES,
+ * not one frame (and one trip through the engine and the daemon) per write. */
+bool exio_holding(const struct exec *e, int64_t now)
+{
+    return (e->out_fd[0] >= 0 || e->out_fd[1] >= 0) && e->end_off - e->send_pos < COALESCE_BYTES &&
+           now - e->unsent_since < (int64_t)COALESCE_MS * NS_PER_MS;
+}
+
 bool exio_output_frame(struct exec *e)
 {
-    if (e->send_pos >= e->end_off)
+    if (e->send_pos >= e->end_off || exio_holding(e, now_ns()))
         return false;
     struct iovec seg[2][2];
     int nseg[2] = {0, 0};

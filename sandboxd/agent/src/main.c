@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/wait.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include "crc32.h"
 #include "dispatch.h"
 #include "exec.h"
+#include "proctree.h"
 #include "inbuf.h"
 #include "outq.h"
 #include "proto.h"
@@ -43,6 +45,22 @@ static void die(const char *what)
     (void)!write(2, strerror(e), strlen(strerror(e)));
     (void)!write(2, "\n", 1);
     _exit(1);
+}
+
+/* Whether a child can become a subreaper, as each exec's supervisor does (gVisor refuses
+ * with EINVAL). Asked of a child: PID 1 may be treated apart. */
+static bool subreapers_work(void)
+{
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0 ? 0 : 1);
+    if (pid < 0)
+        return true; /* cannot tell: assume the common case */
+    int st;
+    while (waitpid(pid, &st, 0) < 0)
+        if (errno != EINTR)
+            return true;
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
 
 static void setup(void)
@@ -77,6 +95,8 @@ static void setup(void)
         die("signalfd");
     if (getpid() != 1) /* best effort: only the orphan rule needs it (qemu-user lacks it) */
         (void)prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    if (!subreapers_work())
+        execs_no_subreaper();
     crc32_init();
     inbuf_init(&in);
     last_input = now_ns();
@@ -246,8 +266,14 @@ int main(int argc, char **argv)
         }
         return supervise_main(argv + first);
     }
+    if (argc == 3 && strcmp(argv[1], "--kill-marker") == 0) {
+        int killed = proctree_kill_marked(argv[2]);
+        printf("%d\n", killed);
+        return killed < 0 ? 1 : 0;
+    }
     if (argc >= 2) {
-        fputs("usage: sandboxd-agent [--version | --supervise [--] ARGV...]\n", stderr);
+        fputs("usage: sandboxd-agent [--version | --supervise [--] ARGV... | "
+              "--kill-marker VAR=VALUE]\n", stderr);
         return 2;
     }
     run_agent();

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -224,4 +225,56 @@ int proctree_kill(pid_t root, const pid_t *skip, size_t nskip)
     int killed = (int)stopped.n;
     free(stopped.v);
     return listed ? killed : -1;
+}
+
+/* Whether /proc/<pid>/environ holds entry as a whole NUL-terminated entry. */
+static bool environ_has(pid_t pid, const char *entry)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    static char buf[256 << 10];
+    size_t len = 0;
+    for (;;) {
+        ssize_t r = read(fd, buf + len, sizeof buf - 1 - len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        len += (size_t)r;
+        if (len == sizeof buf - 1)
+            break;
+    }
+    close_quiet(fd);
+    size_t elen = strlen(entry);
+    for (size_t at = 0; at < len;) {
+        size_t n = strnlen(buf + at, len - at);
+        if (n == elen && memcmp(buf + at, entry, elen) == 0)
+            return true;
+        at += n + 1;
+    }
+    return false;
+}
+
+int proctree_kill_marked(const char *entry)
+{
+    struct proc *v;
+    size_t n;
+    if (list_procs(&v, &n) < 0)
+        return -1;
+    pid_t self = getpid();
+    int killed = 0;
+    for (size_t i = 0; i < n; i++) {
+        pid_t pid = v[i].pid;
+        if (pid == self || !environ_has(pid, entry))
+            continue;
+        (void)kill(pid, SIGSTOP); /* it cannot fork while its tree is taken */
+        int below = proctree_kill(pid, NULL, 0);
+        (void)kill(pid, SIGKILL);
+        killed += 1 + (below > 0 ? below : 0);
+    }
+    free(v);
+    return killed;
 }

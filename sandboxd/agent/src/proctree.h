@@ -12,4 +12,10 @@
  * not be listed (nothing was signalled). */
 int proctree_kill(pid_t root, const pid_t *skip, size_t nskip);
 
+/* Every process (but the caller) whose environment holds the entry (e.g. "VAR=value"),
+ * and all its descendants: stopped, then killed. Returns how many, or -1 when /proc could
+ * not be listed. For a kill from inside a container whose processes the host cannot see
+ * (gVisor), run as the user who owns them. */
+int proctree_kill_marked(const char *entry);
+
 #endif

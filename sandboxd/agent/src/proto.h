@@ -22,6 +22,8 @@
 #define CHAN_IN_FD 990
 #define CHAN_OUT_FD 991
 #define OUTPUT_CHUNK_MAX (256u << 10) /* largest OUTPUT payload data the agent sends */
+#define COALESCE_BYTES (64u << 10)    /* less unsent output than this may wait ... */
+#define COALESCE_MS 1                 /* ... this long for more (while its pipes are open) */
 #define REPLY_BACKLOG (4u << 20)      /* replies queued for the channel before input pauses */
 #define PING_MAX 64u
 #define NONCE_LEN 16u

@@ -4,7 +4,8 @@ Owns one Docker exec: creating it with a marker in its environment, its raw
 stream demultiplexed into ``(STDOUT|STDERR, bytes)``, reading the process's own
 exit code (polling past the engine's brief "still running" after the output
 ends), and killing the process with everything it started from the host's
-/proc (the engine cannot kill an exec). It must not decide timeouts, capture
+/proc (the engine cannot kill an exec), or from inside the container with the
+agent binary where the host cannot see the processes (gVisor). It must not decide timeouts, capture
 output or know about sandboxes.
 """
 
@@ -16,7 +17,14 @@ import time
 
 import structlog
 
-from sandboxd.backend.base import STDERR, STDOUT, Process, ProcessSpec, ProcessStream
+from sandboxd.backend.base import (
+    AGENT_PATH,
+    STDERR,
+    STDOUT,
+    Process,
+    ProcessSpec,
+    ProcessStream,
+)
 from sandboxd.backend.docker.demux import STDERR as DEMUX_STDERR
 from sandboxd.backend.docker.demux import Demuxer
 from sandboxd.backend.docker.engine import Engine, RawStream
@@ -28,6 +36,7 @@ log = structlog.get_logger("sandboxd.backend.docker")
 # The engine usually reports the exit a few ms after the output ends: poll finely at first.
 EXIT_POLL_DELAYS = (0.0,) + (0.001,) * 10 + (0.002,) * 5 + (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 EXIT_WAIT_LIMIT = 5.0
+INSIDE_KILL_LIMIT = 10.0  # seconds the kill from inside the container may take
 
 
 class DemuxedStream(ProcessStream):
@@ -64,12 +73,16 @@ class DockerProcess(Process):
     """One exec, started; see the module docstring."""
 
     def __init__(self, engine: Engine, container_id: str, exec_id: str, marker: str,
-                 stream: ProcessStream) -> None:
+                 stream: ProcessStream, spec: ProcessSpec | None = None) -> None:
         self._engine = engine
         self._container_id = container_id
         self._exec_id = exec_id
         self._marker = marker
         self.stream = stream
+        # The agent binary is in the container (the command runs under it): it can kill
+        # from inside where the host cannot see the processes (gVisor).
+        self._user = spec.user if spec is not None else None
+        self._agent_inside = spec is not None and spec.cmd[:1] == [AGENT_PATH]
 
     @classmethod
     async def start(cls, engine: Engine, container_id: str, spec: ProcessSpec) -> DockerProcess:
@@ -85,7 +98,7 @@ class DockerProcess(Process):
             tty=spec.tty,
         )
         raw = await engine.exec_start(exec_id)
-        return cls(engine, container_id, exec_id, marker, DemuxedStream(raw))
+        return cls(engine, container_id, exec_id, marker, DemuxedStream(raw), spec)
 
     async def exit_code(self) -> int | None:
         info = await self._engine.exec_inspect(self._exec_id)
@@ -120,5 +133,28 @@ class DockerProcess(Process):
         if container_pid <= 0:
             return 0  # the container is gone: so is everything in it
         killed = await asyncio.to_thread(kill_exec_tree, exec_pid, container_pid, self._marker)
+        if killed == 0 and self._agent_inside and await self.exit_code() is None:
+            killed = await self._kill_from_inside()
         log.info("exec_killed", exec_id=self._exec_id, processes=killed)
         return killed
+
+    async def _kill_from_inside(self) -> int:
+        """The host sees none of its processes (a gVisor sandbox): the agent binary, run
+        in the container as the same user, kills what carries the marker, and below."""
+        exec_id = await self._engine.exec_create(
+            self._container_id, [AGENT_PATH, "--kill-marker", f"{MARKER_VAR}={self._marker}"],
+            env=[], workdir=None, user=self._user, stdin=False, tty=False,
+        )
+        stream = DemuxedStream(await self._engine.exec_start(exec_id))
+        out = bytearray()
+        try:
+            async with asyncio.timeout(INSIDE_KILL_LIMIT):
+                while (piece := await stream.read()) is not None:
+                    if piece[0] == STDOUT:
+                        out += piece[1]
+        except TimeoutError:
+            return 0
+        finally:
+            await stream.close()
+        text = out.decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0

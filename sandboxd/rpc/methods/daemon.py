@@ -22,7 +22,7 @@ def build_daemon_methods(
     disk_info: Callable[[], dict[str, Any]],
     pool_info: Callable[[], dict[str, Any]],
 ) -> list[Method]:
-    """``engine_info()`` reports the engine (``services.health.engine_info`` bound to it),
+    """``engine_info()`` reports the engine (``services.health.EngineInfo``),
     ``disk_info()`` how disk is held (``services.diskguard``), ``pool_info()`` each warm
     pool (``services.pool``)."""
     started_at = time.monotonic()
