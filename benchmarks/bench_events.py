@@ -46,6 +46,7 @@ from .common import (
     RpcError,
     environment,
     fmt_ms,
+    log,
     percentile,
     process_cpu_seconds,
     render_table,
@@ -57,10 +58,6 @@ SANDBOX_TTL = 1800
 TAG_BASE = 100_000  # ttl = TAG_BASE + k tags the k-th extend of a run
 WARMUP = 200
 TARGET_P99_S = 0.010
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- subscriber workers (separate processes) ---------------------------------

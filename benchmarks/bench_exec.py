@@ -40,12 +40,10 @@ import io
 import math
 import os
 import platform
-import signal
-import sys
 import tarfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +51,23 @@ import aiodocker
 
 from . import bench_ops as ops
 from .common import (
+    Compared,
     ExecFollower,
     RpcClient,
     RpcError,
     Samples,
     StreamedExec,
     environment,
+    exit_with,
+    fmt_delta,
+    fmt_met,
     fmt_ms,
     fmt_ratio,
+    log,
     percentile,
-    ratio,
     render_table,
-    write_json,
+    run_benchmark,
+    save_report,
 )
 
 MIB = 1024 * 1024
@@ -84,7 +87,6 @@ EXEC_P50_TARGET_S = 0.003
 EXEC_SPEEDUP_TARGET = 15.0
 STREAM_TARGET = 1.0
 READ_TARGET = 3.0
-log = ops.log
 
 
 def head_cmd(size: int) -> list[str]:
@@ -92,33 +94,17 @@ def head_cmd(size: int) -> list[str]:
 
 
 @dataclass
-class Row:
+class Row(Compared):
     """One operation, both sides: seconds per call (per transfer for the throughput rows)."""
 
     name: str
     size: int = 0  # bytes moved per call; 0 for a latency row
     target: str = ""  # exec, stream, read or empty
-    ours: Samples = field(default_factory=Samples)
-    raw: Samples = field(default_factory=Samples)
     ours_client_cpu_s: float = 0.0  # this process during our calls (warm-up included)
     raw_client_cpu_s: float = 0.0  # this process during the raw calls: aiodocker's work
     daemon_cpu_s: float | None = 0.0  # the daemon during our calls; None when unreadable
     calls: int = 0  # per side, warm-up included
     note: str = ""
-
-    @property
-    def speedup(self) -> float:
-        """raw ÷ ours at p50: how many times faster ours is (for transfers, MB/s ours ÷ raw)."""
-        return ratio(self.raw.p50, self.ours.p50)
-
-    @property
-    def speedup_p95(self) -> float:
-        return ratio(self.raw.p95, self.ours.p95)
-
-    @property
-    def paired_delta(self) -> float:
-        diffs = [a - b for a, b in zip(self.ours.values, self.raw.values, strict=True)]
-        return percentile(diffs, 50)
 
     def per_call(self, seconds: float | None) -> float:
         return math.nan if seconds is None or not self.calls else seconds / self.calls
@@ -141,12 +127,13 @@ class Row:
     def met(self) -> bool | None:
         if not self.ours.values or not self.target:
             return None
+        speedup = self.speedup_at(50)
         if self.target == "exec":
-            return self.ours.p50 <= EXEC_P50_TARGET_S and self.speedup >= EXEC_SPEEDUP_TARGET
+            return self.ours.p50 <= EXEC_P50_TARGET_S and speedup >= EXEC_SPEEDUP_TARGET
         if self.target == "stream":
-            return self.speedup >= STREAM_TARGET
+            return speedup >= STREAM_TARGET
         if self.target == "read":
-            return self.speedup >= READ_TARGET
+            return speedup >= READ_TARGET
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -157,8 +144,8 @@ class Row:
             "op": self.name,
             "sandboxd": self.ours.summary_ms(),
             "aiodocker": self.raw.summary_ms(),
-            "speedup_p50": num(self.speedup),
-            "speedup_p95": num(self.speedup_p95),
+            "speedup_p50": num(self.speedup_at(50)),
+            "speedup_p95": num(self.speedup_at(95)),
             "paired_delta_ms": num(self.paired_delta * 1e3),
             "daemon_cpu_ms_per_call": num(self.per_call(self.daemon_cpu_s) * 1e3),
             "ours_client_cpu_ms_per_call": num(self.per_call(self.ours_client_cpu_s) * 1e3),
@@ -326,28 +313,6 @@ class ExecBench(ops.Bench):
         if info.get("exit_code") != 0 or watch.bytes["stdout"] != size:
             raise RuntimeError(f"exec.start head -c {size}: {watch.bytes}, exit {info}")
 
-    async def raw_exec(self, cid: str, cmd: list[str], expect: int, keep: bool = True) -> None:
-        """A raw exec read to EOF (kept in memory or only counted), then its exit code."""
-        container = self.docker.containers.container(cid)
-        execution = await container.exec(cmd)
-        chunks: list[bytes] = []
-        size = 0
-        async with execution.start(detach=False) as stream:
-            while (msg := await stream.read_out()) is not None:
-                size += len(msg.data)
-                if keep:
-                    chunks.append(msg.data)
-        attempt = 0
-        while True:
-            info = await execution.inspect()
-            if not info.get("Running") and info.get("ExitCode") is not None:
-                break
-            delays = ops.EXIT_POLL_DELAYS
-            await asyncio.sleep(delays[min(attempt, len(delays) - 1)])
-            attempt += 1
-        if info["ExitCode"] != 0 or size != expect:
-            raise RuntimeError(f"raw exec {cmd}: exit {info['ExitCode']}, {size} bytes")
-
     async def ours_write(self, sid: str, data: bytes) -> None:
         view = memoryview(data)
         path = f"{FILE_DIR}/{FILE_NAME}"
@@ -496,7 +461,7 @@ class ExecBench(ops.Bench):
         log("creating the sandbox and the raw container")
         sid = await self.ours_create()
         ready_s = await self.wait_agent(sid)
-        cid = await self.raw_create()
+        cid = await self.raw.create()
         sandbox = await self.rpc.call("sandbox.get", {"id": sid})
         container_id = str(sandbox["container_id"])
         await asyncio.sleep(1.0)  # let both settle before reading their memory
@@ -511,7 +476,7 @@ class ExecBench(ops.Bench):
             n,
             warmup,
             lambda: self.ours_exec(sid, ["true"], 0),
-            lambda: self.raw_exec(cid, ["true"], 0),
+            lambda: self.raw.exec(cid, ["true"], 0),
         )
         await self.phase(
             Row(
@@ -535,7 +500,7 @@ class ExecBench(ops.Bench):
             nb,
             wb,
             lambda: self.ours_stream(sid, STREAM_SIZE),
-            lambda: self.raw_exec(cid, head_cmd(STREAM_SIZE), STREAM_SIZE, keep=False),
+            lambda: self.raw.exec(cid, head_cmd(STREAM_SIZE), STREAM_SIZE, keep=False),
         )
         await self.phase(
             Row(
@@ -547,7 +512,7 @@ class ExecBench(ops.Bench):
             nb,
             wb,
             lambda: self.ours_exec(sid, head_cmd(BUFFERED_SIZE), BUFFERED_SIZE),
-            lambda: self.raw_exec(cid, head_cmd(BUFFERED_SIZE), BUFFERED_SIZE),
+            lambda: self.raw.exec(cid, head_cmd(BUFFERED_SIZE), BUFFERED_SIZE),
         )
         await self.phase_files(sid, cid, nb, wb)
         await asyncio.sleep(1.0)
@@ -559,82 +524,49 @@ def fmt_mbps(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.0f}"
 
 
-def met_text(met: bool | None) -> str:
-    return "-" if met is None else ("yes" if met else "NO")
+def row_table(
+    first: str, headers: list[str], cells: Callable[[Row], list[str]], rows: list[Row]
+) -> str:
+    """One line per row: its name and n, then ``headers`` with the row's ``cells``, then
+    its target and whether it was met."""
+    return render_table(
+        [first, "n", *headers, "target", "met"],
+        [
+            [r.name, str(len(r.ours.values)), *cells(r), r.target_text() or "-", fmt_met(r.met())]
+            for r in rows
+        ],
+    )
 
 
 def latency_table(rows: list[Row]) -> str:
-    headers = [
-        "operation",
-        "n",
-        "ours p50",
-        "ours p95",
-        "raw p50",
-        "raw p95",
-        "raw/ours p50",
-        "raw/ours p95",
-        "paired Δ",
-        "daemon CPU/call",
-        "target",
-        "met",
-    ]
-    body = [
-        [
-            r.name,
-            str(len(r.ours.values)),
-            fmt_ms(r.ours.p50),
-            fmt_ms(r.ours.p95),
-            fmt_ms(r.raw.p50),
-            fmt_ms(r.raw.p95),
-            fmt_ratio(r.speedup),
-            fmt_ratio(r.speedup_p95),
-            ops.fmt_delta(r.paired_delta),
+    def cells(r: Row) -> list[str]:
+        return [
+            *r.p50_p95_cells(),
+            fmt_ratio(r.speedup_at(50)),
+            fmt_ratio(r.speedup_at(95)),
+            fmt_delta(r.paired_delta),
             fmt_ms(r.per_call(r.daemon_cpu_s)),
-            r.target_text() or "-",
-            met_text(r.met()),
         ]
-        for r in rows
-    ]
-    return render_table(headers, body)
+
+    headers = ["ours p50", "ours p95", "raw p50", "raw p95", "raw/ours p50", "raw/ours p95"]
+    return row_table("operation", [*headers, "paired Δ", "daemon CPU/call"], cells, rows)
 
 
 def transfer_table(rows: list[Row]) -> str:
-    headers = [
-        "transfer",
-        "n",
-        "ours MB/s",
-        "ours low",
-        "raw MB/s",
-        "raw low",
-        "ours/raw",
-        "ours ms p50",
-        "raw ms p50",
-        "daemon CPU",
-        "ours client CPU",
-        "raw client CPU",
-        "target",
-        "met",
-    ]
-    body = [
-        [
-            r.name,
-            str(len(r.ours.values)),
-            fmt_mbps(r.mbps(r.ours, 50)),
-            fmt_mbps(r.mbps(r.ours, 95)),
-            fmt_mbps(r.mbps(r.raw, 50)),
-            fmt_mbps(r.mbps(r.raw, 95)),
-            fmt_ratio(r.speedup),
+    def cells(r: Row) -> list[str]:
+        rates = [r.mbps(r.ours, 50), r.mbps(r.ours, 95), r.mbps(r.raw, 50), r.mbps(r.raw, 95)]
+        cpu = [r.daemon_cpu_s, r.ours_client_cpu_s, r.raw_client_cpu_s]
+        return [
+            *(fmt_mbps(v) for v in rates),
+            fmt_ratio(r.speedup_at(50)),
             fmt_ms(r.ours.p50),
             fmt_ms(r.raw.p50),
-            fmt_ms(r.per_call(r.daemon_cpu_s)),
-            fmt_ms(r.per_call(r.ours_client_cpu_s)),
-            fmt_ms(r.per_call(r.raw_client_cpu_s)),
-            r.target_text() or "-",
-            met_text(r.met()),
+            *(fmt_ms(r.per_call(seconds)) for seconds in cpu),
         ]
-        for r in rows
-    ]
-    return render_table(headers, body)
+
+    headers = ["ours MB/s", "ours low", "raw MB/s", "raw low", "ours/raw", "ours ms p50"]
+    headers += ["raw ms p50", "daemon CPU", "ours client CPU", "raw client CPU"]
+    return row_table("transfer", headers, cells, rows)
 
 
 def agent_table(agent: dict[str, Any]) -> str:
@@ -677,53 +609,30 @@ def targets_text(rows: list[Row]) -> list[str]:
     out = []
     by_name = {r.target: r for r in rows if r.target}
     if (r := by_name.get("exec")) and r.ours.values:
+        speedup = r.speedup_at(50)
         out.append(
             f"exec true: ours p50 {fmt_ms(r.ours.p50)} ms <= {EXEC_P50_TARGET_S * 1e3:.0f} ms: "
-            f"{met_text(r.ours.p50 <= EXEC_P50_TARGET_S)}"
+            f"{fmt_met(r.ours.p50 <= EXEC_P50_TARGET_S)}"
         )
         out.append(
-            f"exec true: raw/ours p50 {fmt_ratio(r.speedup)} >= {EXEC_SPEEDUP_TARGET:.0f}x: "
-            f"{met_text(r.speedup >= EXEC_SPEEDUP_TARGET)}"
+            f"exec true: raw/ours p50 {fmt_ratio(speedup)} >= {EXEC_SPEEDUP_TARGET:.0f}x: "
+            f"{fmt_met(speedup >= EXEC_SPEEDUP_TARGET)}"
         )
     if (r := by_name.get("stream")) and r.ours.values:
         out.append(
-            f"{r.name}: ours/raw MB/s {fmt_ratio(r.speedup)} >= {STREAM_TARGET:.1f}x: "
-            f"{met_text(r.met())}"
+            f"{r.name}: ours/raw MB/s {fmt_ratio(r.speedup_at(50))} >= {STREAM_TARGET:.1f}x: "
+            f"{fmt_met(r.met())}"
         )
     if (r := by_name.get("read")) and r.ours.values:
         out.append(
-            f"{r.name}: ours/raw GET /archive MB/s {fmt_ratio(r.speedup)} >= {READ_TARGET:.0f}x: "
-            f"{met_text(r.met())}"
+            f"{r.name}: ours/raw GET /archive MB/s {fmt_ratio(r.speedup_at(50))} "
+            f">= {READ_TARGET:.0f}x: {fmt_met(r.met())}"
         )
     return out
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    rpc = await RpcClient.connect(args.socket)
-    docker = aiodocker.Docker()
-    bench = ExecBench(rpc, docker, args)
-    status = 0
-    started = time.time()
-    try:
-        pong = await rpc.call("daemon.ping")
-        if pong != "pong":
-            raise RuntimeError(f"daemon.ping replied {pong!r}")
-        log(f"run {bench.run_id}: daemon pid {bench.daemon_pid or '?'}")
-        await bench.run()
-    finally:
-        log("cleaning up")
-        problems = await asyncio.shield(bench.cleanup(args.socket))
-        for problem in problems:
-            log(f"cleanup: {problem}")
-        if problems:
-            status = 1
-        await rpc.close()
-        await docker.close()
-    elapsed = time.time() - started
+    bench, status, elapsed = await ExecBench.run_against(args)
     latency = [r for r in bench.rows if not r.size]
     transfers = [r for r in bench.rows if r.size]
     nb = args.n_bulk if args.n_bulk is not None else args.n
@@ -755,22 +664,14 @@ async def main_async(args: argparse.Namespace) -> int:
     for line in targets_text(bench.rows):
         print(f"  {line}")
     if args.json:
-        write_json(
+        save_report(
             args.json,
             {
                 "benchmark": "bench_exec",
                 "environment": environment(),
-                "config": {
-                    "socket": args.socket,
-                    "n": args.n,
-                    "n_bulk": nb,
-                    "warmup": args.warmup,
-                    "warmup_bulk": args.warmup_bulk,
-                    "image": ops.IMAGE,
-                    "run_id": bench.run_id,
-                    "client": "benchmarks.common.RpcClient (raw msgpack)",
-                    "aiodocker": aiodocker.__version__,
-                },
+                "config": bench.config_json(
+                    n=args.n, n_bulk=nb, warmup=args.warmup, warmup_bulk=args.warmup_bulk
+                ),
                 "daemon_info": bench.daemon_info,
                 "elapsed_s": round(elapsed, 1),
                 "results": [r.to_json() for r in bench.rows],
@@ -778,7 +679,6 @@ async def main_async(args: argparse.Namespace) -> int:
                 "targets": targets_text(bench.rows),
             },
         )
-        print(f"wrote {args.json}")
     return status
 
 
@@ -812,20 +712,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except asyncio.CancelledError:
-        log("terminated")
-        return 143
-    except (RpcError, RuntimeError, OSError, aiodocker.DockerError) as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_benchmark(main_async(parse_args(argv)), errors=(aiodocker.DockerError,))
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+    exit_with(main)

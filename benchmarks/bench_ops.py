@@ -6,9 +6,9 @@ Run with the daemon already serving::
 
 For each operation it times the call through sandboxd (msgpack-RPC over the
 Unix socket, with the raw client in ``benchmarks.common``) and the same work
-done directly with aiodocker against the same Docker Engine, alternating the
-two sides iteration by iteration (ours first on even iterations, raw first
-on odd ones) so that drift hits both equally. Warm-up iterations are run
+done directly with aiodocker against the same Docker Engine (``benchmarks.rawdocker``),
+alternating the two sides iteration by iteration (ours first on even iterations,
+raw first on odd ones) so that drift hits both equally. Warm-up iterations are run
 but not counted. It prints p50/p95 for both sides and the ratio ours/raw.
 
 Every container it makes is removed at the end, also after a failure or
@@ -21,116 +21,50 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import secrets
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 import aiodocker
 
 from .common import (
+    IMAGE,
+    Compared,
     RpcClient,
     RpcError,
-    Samples,
+    cancel_on_sigterm,
     environment,
+    exit_with,
+    fmt_met,
     fmt_ms,
-    fmt_ratio,
-    percentile,
+    log,
+    ms_or_none,
     process_cpu_seconds,
-    ratio,
     render_table,
-    write_json,
+    run_benchmark,
+    save_report,
 )
+from .rawdocker import BENCH_LABEL, MIB, RawContainers
 
-MIB = 1024 * 1024
-BENCH_LABEL = "io.sandboxd.bench"
-RUN_LABEL = "io.sandboxd.bench.run"
-IMAGE = "sandboxd/base"
-MEMORY = 512 * MIB  # sandboxd's default memory, cpus, pids, nofile, workdir
-CPUS = 1.0
-PIDS = 256
-NOFILE = 1024
-WORKDIR = "/workspace"
 SANDBOX_TTL = 1800  # ours expire by themselves even if this process is SIGKILLed
 ONE_MIB_CMD = ["head", "-c", str(MIB), "/dev/zero"]
-# Exec exit-code polling for the raw side: an immediate check, then backing off.
-EXIT_POLL_DELAYS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 CLEANUP_TIMEOUT = 30.0
 RATIO_TARGET = 1.10
 STATS_TARGET_S = 0.020
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def raw_container_config(run_id: str, index: int) -> dict[str, Any]:
-    """The hardened create body sandboxd sends (SPEC §4), for the raw side."""
-    return {
-        "Image": IMAGE,
-        "Entrypoint": ["sleep", "infinity"],
-        "Cmd": None,
-        "Env": [],
-        "WorkingDir": WORKDIR,
-        "Labels": {BENCH_LABEL: "1", RUN_LABEL: run_id},
-        "Hostname": f"bench-{index}",
-        "AttachStdin": False,
-        "AttachStdout": False,
-        "AttachStderr": False,
-        "Tty": False,
-        "OpenStdin": False,
-        "NetworkDisabled": True,
-        "StopTimeout": 1,
-        "HostConfig": {
-            "NetworkMode": "none",
-            "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges"],
-            "Privileged": False,
-            "PidsLimit": PIDS,
-            "Memory": MEMORY,
-            "MemorySwap": MEMORY,
-            "NanoCpus": int(CPUS * 1e9),
-            "Init": True,
-            "Ulimits": [{"Name": "nofile", "Soft": NOFILE, "Hard": NOFILE}],
-            "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
-            "LogConfig": {"Type": "none", "Config": {}},
-            "ReadonlyRootfs": False,
-            "AutoRemove": False,
-            "IpcMode": "private",
-        },
-    }
-
-
 @dataclass
-class OpResult:
+class OpResult(Compared):
     name: str
-    ours: Samples = field(default_factory=Samples)
-    raw: Samples = field(default_factory=Samples)
     target: str = ""
     daemon_cpu_s: float | None = None  # daemon CPU seconds over the phase
     daemon_calls: int = 0  # calls the daemon served in the phase (warm-up included)
     raw_cpu_s: float = 0.0  # this process's CPU during the raw calls (aiodocker's work)
     raw_calls: int = 0
     note: str = ""
-
-    @property
-    def ratio_p50(self) -> float:
-        return ratio(self.ours.p50, self.raw.p50)
-
-    @property
-    def ratio_p95(self) -> float:
-        return ratio(self.ours.p95, self.raw.p95)
-
-    @property
-    def paired_delta(self) -> float:
-        """Median over iterations of (ours - raw): the added time, robust to drift."""
-        diffs = [a - b for a, b in zip(self.ours.values, self.raw.values, strict=True)]
-        return percentile(diffs, 50)
 
     @property
     def daemon_cpu_per_call(self) -> float:
@@ -146,7 +80,7 @@ class OpResult:
         if not self.ours.values:
             return None
         if self.target == "ratio":
-            return self.ratio_p50 <= RATIO_TARGET
+            return self.ratio_at(50) <= RATIO_TARGET
         if self.target == "stats":
             return self.ours.p50 < STATS_TARGET_S
         return None
@@ -159,23 +93,18 @@ class OpResult:
         return ""
 
     def to_json(self) -> dict[str, Any]:
-        met = self.met()
-        per_call = self.daemon_cpu_per_call
+        r50, r95 = self.ratio_at(50), self.ratio_at(95)
         return {
             "op": self.name,
             "sandboxd": self.ours.summary_ms(),
             "aiodocker": self.raw.summary_ms(),
-            "ratio_p50": None if math.isnan(self.ratio_p50) else round(self.ratio_p50, 3),
-            "ratio_p95": None if math.isnan(self.ratio_p95) else round(self.ratio_p95, 3),
-            "paired_delta_ms": None
-            if math.isnan(self.paired_delta)
-            else round(self.paired_delta * 1e3, 3),
+            "ratio_p50": None if math.isnan(r50) else round(r50, 3),
+            "ratio_p95": None if math.isnan(r95) else round(r95, 3),
+            "paired_delta_ms": ms_or_none(self.paired_delta),
             "target": self.target_text() or None,
-            "target_met": met,
-            "daemon_cpu_ms_per_call": None if math.isnan(per_call) else round(per_call * 1e3, 3),
-            "raw_client_cpu_ms_per_call": None
-            if math.isnan(self.raw_cpu_per_call)
-            else round(self.raw_cpu_per_call * 1e3, 3),
+            "target_met": self.met(),
+            "daemon_cpu_ms_per_call": ms_or_none(self.daemon_cpu_per_call),
+            "raw_client_cpu_ms_per_call": ms_or_none(self.raw_cpu_per_call),
             "note": self.note or None,
         }
 
@@ -200,14 +129,52 @@ class Bench:
         self.args = args
         self.run_id = secrets.token_hex(4)
         self.ours_ids: list[str] = []  # sandboxes alive
-        self.raw_ids: list[str] = []  # raw containers alive
-        self._raw_index = 0
+        self.raw = RawContainers(self.run_id, docker)  # raw containers alive
         self.daemon_pid = rpc.peer_pid
         self.results: list[OpResult] = []
         self.first_stats = OpResult(
             "stats (first call)",
             note="the first stats call on each fresh container, right after its create",
         )
+
+    @classmethod
+    async def run_against(cls, args: argparse.Namespace) -> tuple[Self, int, float]:
+        """Connect to the daemon at ``--socket`` and the engine, run, and clean up
+        whatever happens: (the bench, 1 if the clean-up had problems else 0, seconds)."""
+        cancel_on_sigterm()
+        rpc = await RpcClient.connect(args.socket)
+        docker = aiodocker.Docker()
+        bench = cls(rpc, docker, args)
+        status = 0
+        started = time.time()
+        try:
+            pong = await rpc.call("daemon.ping")
+            if pong != "pong":
+                raise RuntimeError(f"daemon.ping replied {pong!r}")
+            log(f"run {bench.run_id}: daemon pid {bench.daemon_pid or '?'}")
+            await bench.run()
+        finally:
+            log("cleaning up")
+            problems = await asyncio.shield(bench.cleanup(args.socket))
+            for problem in problems:
+                log(f"cleanup: {problem}")
+            if problems:
+                status = 1
+            await rpc.close()
+            await docker.close()
+        return bench, status, time.time() - started
+
+    def config_json(self, **sizes: Any) -> dict[str, Any]:
+        """The JSON report's ``config``: the socket, ``sizes`` (in their order), then the
+        image, the run and the clients."""
+        return {
+            "socket": self.args.socket,
+            **sizes,
+            "image": IMAGE,
+            "run_id": self.run_id,
+            "client": "benchmarks.common.RpcClient (raw msgpack)",
+            "aiodocker": aiodocker.__version__,
+        }
 
     # one side, one operation -------------------------------------------
     async def ours_create(self) -> str:
@@ -221,26 +188,9 @@ class Bench:
             raise RuntimeError(f"sandbox.create replied with status {reply.get('status')!r}")
         return sid
 
-    async def raw_create(self) -> str:
-        self._raw_index += 1
-        name = f"bench-{self.run_id}-{self._raw_index}"
-        container = await self.docker.containers.create(
-            raw_container_config(self.run_id, self._raw_index), name=name
-        )
-        self.raw_ids.append(container.id)
-        await container.start()
-        return container.id
-
     async def ours_remove(self, sid: str) -> None:
         await self.rpc.call("sandbox.remove", {"id": sid})
         self.ours_ids.remove(sid)
-
-    async def raw_remove(self, cid: str) -> None:
-        async with self.docker._query(
-            f"containers/{cid}", method="DELETE", params={"force": "true", "v": "true"}
-        ):
-            pass
-        self.raw_ids.remove(cid)
 
     async def ours_exec(self, sid: str, cmd: list[str], expect: int) -> None:
         params: dict[str, Any] = {"id": sid, "cmd": cmd}
@@ -252,25 +202,6 @@ class Bench:
                 f"sandbox.exec {cmd}: exit {reply['exit_code']}, "
                 f"{len(reply['stdout'])} bytes, truncated={reply['truncated']}"
             )
-
-    async def raw_exec(self, cid: str, cmd: list[str], expect: int) -> None:
-        """What a correct aiodocker client does for a buffered exec."""
-        container = self.docker.containers.container(cid)
-        execution = await container.exec(cmd)
-        chunks: list[bytes] = []
-        async with execution.start(detach=False) as stream:
-            while (msg := await stream.read_out()) is not None:
-                chunks.append(msg.data)
-        attempt = 0
-        while True:
-            info = await execution.inspect()
-            if not info.get("Running") and info.get("ExitCode") is not None:
-                break
-            await asyncio.sleep(EXIT_POLL_DELAYS[min(attempt, len(EXIT_POLL_DELAYS) - 1)])
-            attempt += 1
-        size = sum(len(c) for c in chunks)
-        if info["ExitCode"] != 0 or size != expect:
-            raise RuntimeError(f"raw exec {cmd}: exit {info['ExitCode']}, {size} bytes")
 
     async def raw_stats(self, cid: str) -> dict[str, Any]:
         result: dict[str, Any] = await self.docker._query_json(
@@ -318,7 +249,7 @@ class Bench:
         log(f"create: {warmup} warm-up + {n} measured pairs")
         before = self._cpu()
         for i in range(warmup + n):
-            sid, cid = await self.alternate(i, self.ours_create, self.raw_create, op, i >= warmup)
+            sid, cid = await self.alternate(i, self.ours_create, self.raw.create, op, i >= warmup)
             pairs.append((sid, cid))
 
             def ours_stats(sid: str = sid) -> Awaitable[Any]:
@@ -349,7 +280,7 @@ class Bench:
                 return self.ours_remove(sid)
 
             def raw(cid: str = cid) -> Awaitable[None]:
-                return self.raw_remove(cid)
+                return self.raw.remove(cid)
 
             await self.alternate(i, ours, raw, op, i >= warmup)
         self._finish_cpu(op, before, len(pairs))
@@ -415,13 +346,13 @@ class Bench:
             await self.phase_remove(pairs, warmup)
         log("creating the long-lived pair for exec/pause/resume/stats")
         sid = await self.ours_create()
-        cid = await self.raw_create()
+        cid = await self.raw.create()
         await self.phase_simple(
             "exec true",
             n_small,
             warmup,
             lambda: self.ours_exec(sid, ["true"], 0),
-            lambda: self.raw_exec(cid, ["true"], 0),
+            lambda: self.raw.exec(cid, ["true"], 0),
             "ratio",
         )
         await self.phase_simple(
@@ -429,7 +360,7 @@ class Bench:
             n_small,
             warmup,
             lambda: self.ours_exec(sid, ONE_MIB_CMD, MIB),
-            lambda: self.raw_exec(cid, ONE_MIB_CMD, MIB),
+            lambda: self.raw.exec(cid, ONE_MIB_CMD, MIB),
             "ratio",
         )
         await self.phase_pause_resume(sid, cid, n_small, warmup)
@@ -489,7 +420,7 @@ class Bench:
             labels.append(f"io.sandboxd.label.bench={self.run_id}")
         try:
             async with asyncio.timeout(CLEANUP_TIMEOUT):
-                leftovers = set(self.raw_ids)
+                leftovers = set(self.raw.ids)
                 for label in labels:
                     found = await self.docker.containers.list(all=True, filters={"label": [label]})
                     leftovers |= {c.id for c in found}
@@ -499,17 +430,10 @@ class Bench:
                     except aiodocker.DockerError as exc:
                         if exc.status != 404:
                             problems.append(f"container {cid[:12]}: {exc}")
-                self.raw_ids.clear()
+                self.raw.ids.clear()
         except Exception as exc:
             problems.append(f"removing raw containers failed: {exc!r}")
         return problems
-
-
-def fmt_delta(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "-"
-    text = fmt_ms(abs(seconds))
-    return f"{'-' if seconds < 0 else '+'}{text}"
 
 
 def report_table(results: list[OpResult]) -> str:
@@ -530,53 +454,22 @@ def report_table(results: list[OpResult]) -> str:
     ]
     rows = []
     for r in results:
-        met = r.met()
         rows.append(
             [
                 r.name,
                 str(len(r.ours.values)),
-                fmt_ms(r.ours.p50),
-                fmt_ms(r.ours.p95),
-                fmt_ms(r.raw.p50),
-                fmt_ms(r.raw.p95),
-                fmt_ratio(r.ratio_p50),
-                fmt_ratio(r.ratio_p95),
-                fmt_delta(r.paired_delta),
+                *r.ratio_cells(),
                 fmt_ms(r.daemon_cpu_per_call),
                 fmt_ms(r.raw_cpu_per_call),
                 r.target_text() or "-",
-                "-" if met is None else ("yes" if met else "NO"),
+                fmt_met(r.met()),
             ]
         )
     return render_table(headers, rows)
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    rpc = await RpcClient.connect(args.socket)
-    docker = aiodocker.Docker()
-    bench = Bench(rpc, docker, args)
-    status = 0
-    started = time.time()
-    try:
-        pong = await rpc.call("daemon.ping")
-        if pong != "pong":
-            raise RuntimeError(f"daemon.ping replied {pong!r}")
-        log(f"run {bench.run_id}: daemon pid {bench.daemon_pid or '?'}")
-        await bench.run()
-    finally:
-        log("cleaning up")
-        problems = await asyncio.shield(bench.cleanup(args.socket))
-        for problem in problems:
-            log(f"cleanup: {problem}")
-        if problems:
-            status = 1
-        await rpc.close()
-        await docker.close()
-    elapsed = time.time() - started
+    bench, status, elapsed = await Bench.run_against(args)
     print(
         f"sandboxd vs raw aiodocker, same engine, same run; times in ms; "
         f"warm-up {args.warmup} per op excluded; {elapsed:.0f} s total"
@@ -591,26 +484,18 @@ async def main_async(args: argparse.Namespace) -> int:
         if r.note:
             print(f"  {r.name}: {r.note}")
     if args.json:
-        write_json(
+        save_report(
             args.json,
             {
                 "benchmark": "bench_ops",
                 "environment": environment(),
-                "config": {
-                    "socket": args.socket,
-                    "n": args.n or 30,
-                    "n_create_remove": args.n or 15,
-                    "warmup": args.warmup,
-                    "image": IMAGE,
-                    "run_id": bench.run_id,
-                    "client": "benchmarks.common.RpcClient (raw msgpack)",
-                    "aiodocker": aiodocker.__version__,
-                },
+                "config": bench.config_json(
+                    n=args.n or 30, n_create_remove=args.n or 15, warmup=args.warmup
+                ),
                 "elapsed_s": round(elapsed, 1),
                 "results": [r.to_json() for r in bench.results],
             },
         )
-        print(f"wrote {args.json}")
     return status
 
 
@@ -638,20 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    except asyncio.CancelledError:
-        log("terminated")
-        return 143
-    except (RpcError, RuntimeError, OSError, aiodocker.DockerError) as exc:
-        log(f"error: {exc}")
-        return 1
+    return run_benchmark(main_async(parse_args(argv)), errors=(aiodocker.DockerError,))
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+    exit_with(main)

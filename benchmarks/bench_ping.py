@@ -48,7 +48,7 @@ from .common import (
     process_cpu_seconds,
     render_table,
     run_benchmark,
-    write_json,
+    save_report,
 )
 
 TARGET = 0.7
@@ -374,7 +374,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if errors:
         print(f"WARNING: {errors} error replies during pipelined runs")
     if args.json:
-        write_json(
+        save_report(
             args.json,
             {
                 "benchmark": "bench_ping",
@@ -390,7 +390,6 @@ async def main_async(args: argparse.Namespace) -> int:
                 "runs": [m.to_json() for m in runs],
             },
         )
-        print(f"wrote {args.json}")
     return 1 if errors else 0
 
 

@@ -34,41 +34,31 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .common import (
+    IMAGE,
     ExecFollower,
     RpcClient,
     RpcError,
+    cancel_on_sigterm,
     environment,
+    exit_with,
+    log,
     percentile,
     render_table,
-    write_json,
+    run_benchmark,
+    save_report,
 )
+from .daemonproc import START_TIMEOUT, DaemonProcess
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-IMAGE = "sandboxd/base"
 MEMORY = "32m"
 TTL = 600
-START_TIMEOUT = 60.0
 RESYNC_TIMEOUT = 120.0
 CREATE_CONCURRENCY = 8
-STOP_GRACE = 10.0
 TICKER = ["sh", "-c", "i=0; while :; do echo $i; i=$((i+1)); sleep 0.05; done"]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -139,115 +129,19 @@ class RunResult:
 
 
 class Bench:
-    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
-        self.workdir = workdir
+    def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.poll = args.poll / 1000
-        self.socket = str(workdir / "sandboxd.sock")
-        self.notify_path = str(workdir / "notify.sock")
-        self.config = workdir / "config.toml"
-        self.config.write_text("")
-        self.log = workdir / "daemon.log"
-        self.instance = f"bench-resync-{os.getpid()}-{int(time.time())}"
-        self.env = {
-            **os.environ,
-            "SANDBOXD_STATE_DIR": str(workdir / "state"),
-            "SANDBOXD_INSTANCE": self.instance,
-            "SANDBOXD_LOG_LEVEL": "warning",
-        }
-        for var in (
-            "SANDBOXD_SOCKET",
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-        ):
-            self.env.pop(var, None)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.notify.setblocking(False)
+        self.daemon = DaemonProcess("bench-resync", "brs-", "warning", notify=True)
         self.ids: list[str] = []
         self.exec_id = ""
         self.fill_seconds = math.nan
         self.first_ready_seconds = math.nan
         self.results: list[RunResult] = []
 
-    # the daemon process ---------------------------------------------------------------
-    def spawn(self, notify: bool) -> subprocess.Popen[bytes]:
-        env = dict(self.env)
-        if notify:
-            env["NOTIFY_SOCKET"] = self.notify_path
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sandboxd",
-                    "serve",
-                    "--socket",
-                    self.socket,
-                    "--config",
-                    str(self.config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(PROJECT_ROOT),
-            )
-        return self.proc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after the grace."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.proc = None
-
-    def _check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with status {self.proc.returncode}")
-
-    def _drain_notify(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                self.notify.recv(4096)
-
-    async def _connect(self, deadline: float) -> RpcClient:
-        """A connection whose ``daemon.ping`` was answered, retried until ``deadline``."""
-        while True:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not answer daemon.ping in time")
-            rpc: RpcClient | None = None
-            try:
-                rpc = await RpcClient.connect(self.socket)
-                async with asyncio.timeout(2.0):
-                    if await rpc.call("daemon.ping") == "pong":
-                        return rpc
-            except (ConnectionError, RpcError, TimeoutError):
-                pass
-            if rpc is not None:
-                await rpc.close()
-            await asyncio.sleep(0.002)
-
-    async def _wait_ready1(self, t0: float) -> float:
-        loop = asyncio.get_running_loop()
-        while True:
-            data = await loop.sock_recv(self.notify, 4096)
-            if b"READY=1" in data.split(b"\n"):
-                return time.perf_counter() - t0
+    async def _connect(self) -> RpcClient:
+        """A connection whose ``daemon.ping`` was answered, tried every 2 ms."""
+        return await self.daemon.connect(poll=0.002)
 
     # filling ----------------------------------------------------------------------------
     async def wait_all_ready(self, rpc: RpcClient, within: float) -> float:
@@ -268,8 +162,8 @@ class Bench:
         count = self.args.sandboxes
         log(f"starting a daemon and creating {count} sandboxes")
         started = time.perf_counter()
-        self.spawn(notify=False)
-        rpc = await self._connect(time.monotonic() + START_TIMEOUT)
+        self.daemon.spawn()
+        rpc = await self._connect()
         try:
             gate = asyncio.Semaphore(CREATE_CONCURRENCY)
 
@@ -334,11 +228,11 @@ class Bench:
                     f"after {RESYNC_TIMEOUT:g} s {len(seen)} of {len(want)} agents are ready: "
                     f"{counts}"
                 )
-            self._check_alive()
+            self.daemon.check_alive()
             await asyncio.sleep(self.poll)
 
     async def _attach(self, t0: float, result: RunResult) -> None:
-        rpc = await self._connect(time.monotonic() + START_TIMEOUT)
+        rpc = await self._connect()
         try:
             follower = ExecFollower(rpc)
             deadline = time.monotonic() + RESYNC_TIMEOUT
@@ -372,14 +266,14 @@ class Bench:
 
     async def restart(self, run: int) -> RunResult:
         result = RunResult(run)
-        self.kill()
-        self._drain_notify()
+        self.daemon.kill()
+        self.daemon.drain_notify()
         t0 = time.perf_counter()
-        self.spawn(notify=True)
-        ready1 = asyncio.create_task(self._wait_ready1(t0))
+        self.daemon.spawn(notify=True)
+        ready1 = asyncio.create_task(self.daemon.wait_ready1(t0))
         rpc: RpcClient | None = None
         try:
-            rpc = await self._connect(time.monotonic() + START_TIMEOUT)
+            rpc = await self._connect()
             result.ping = time.perf_counter() - t0
             attach = asyncio.create_task(self._attach(t0, result))
             try:
@@ -406,37 +300,13 @@ class Bench:
             self.results.append(await self.restart(run))
 
     # cleanup ------------------------------------------------------------------------
-    def containers(self) -> list[str]:
-        out = subprocess.run(
-            [
-                "docker",
-                "ps",
-                "-aq",
-                "--no-trunc",
-                "--filter",
-                f"label=io.sandboxd.instance={self.instance}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
-        return out.split()
-
     def cleanup(self) -> tuple[int, int]:
-        """Stop the daemon, remove every container of this instance: (removed, left)."""
-        self.stop()
-        removed = 0
-        for _ in range(3):
-            ids = self.containers()
-            if not ids:
-                break
-            for i in range(0, len(ids), 100):
-                subprocess.run(
-                    ["docker", "rm", "-f", *ids[i : i + 100]], capture_output=True, timeout=600
-                )
-            removed += len(ids)
-        left = len(self.containers())
-        self.notify.close()
+        """Stop the daemon, remove every container of this instance and the temporary
+        directory: (removed, left)."""
+        self.daemon.stop()
+        removed = self.daemon.remove_containers()
+        left = len(self.daemon.containers())
+        self.daemon.close()
         return removed, left
 
 
@@ -483,38 +353,23 @@ def report(bench: Bench) -> str:
 
 
 async def main_async(bench: Bench) -> int:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    if task is not None:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    cancel_on_sigterm()
     await bench.run()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="brs-", dir="/tmp"))  # short: socket paths
-    bench = Bench(workdir, args)
+    bench = Bench(args)
     status = 0
     started = time.time()
     try:
-        status = asyncio.run(main_async(bench))
-    except KeyboardInterrupt:
-        log("interrupted")
-        status = 130
-    except asyncio.CancelledError:
-        log("terminated")
-        status = 143
-    except (RpcError, RuntimeError, OSError, TimeoutError) as exc:
-        log(f"bench_resync: {exc!r}")
-        with contextlib.suppress(OSError):
-            tail = bench.log.read_text().splitlines()[-15:]
-            log("daemon log (last lines):\n  " + "\n  ".join(tail))
-        status = 1
+        status = run_benchmark(
+            main_async(bench), on_error=lambda exc: bench.daemon.report_error("bench_resync", exc)
+        )
     finally:
         log("cleaning up")
         removed, left = bench.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
         log(f"removed {removed} containers; {left} left")
         if left:
             status = 1
@@ -545,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{bench.first_ready_seconds:.2f} s after the last create"
     )
     if args.json:
-        write_json(
+        save_report(
             args.json,
             {
                 "benchmark": "bench_resync",
@@ -563,7 +418,6 @@ def main(argv: list[str] | None = None) -> int:
                 "results": [r.to_json() for r in bench.results],
             },
         )
-        print(f"wrote {args.json}")
     return status
 
 
@@ -585,5 +439,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        sys.exit(main())
+    exit_with(main)

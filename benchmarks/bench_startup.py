@@ -29,28 +29,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import select
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .common import RpcClient, RpcError, environment, percentile, render_table, write_json
+from .common import (
+    IMAGE,
+    RpcClient,
+    RpcError,
+    environment,
+    percentile,
+    render_table,
+    run_benchmark,
+    write_json,
+)
+from .daemonproc import PROJECT_ROOT, START_TIMEOUT, DaemonProcess
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-IMAGE = "sandboxd/base"
 TARGET_SECONDS = 1.0
 TARGET_COUNT = 500
-START_TIMEOUT = 60.0
 CREATE_CONCURRENCY = 8
 
 
@@ -90,71 +92,12 @@ class Result:
 
 
 class Bench:
-    def __init__(self, workdir: Path, runs: int) -> None:
-        self.workdir = workdir
+    def __init__(self, runs: int) -> None:
         self.runs = runs
-        self.socket = str(workdir / "sandboxd.sock")
-        self.notify_path = str(workdir / "notify.sock")
-        self.config = workdir / "config.toml"
-        self.config.write_text("")
-        self.log = workdir / "daemon.log"
-        self.instance = f"bench-startup-{os.getpid()}-{int(time.time())}"
-        self.env = {
-            **os.environ,
-            "SANDBOXD_STATE_DIR": str(workdir / "state"),
-            "SANDBOXD_INSTANCE": self.instance,
-            "SANDBOXD_LOG_LEVEL": "warning",
-        }
-        for var in (
-            "SANDBOXD_SOCKET",
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-        ):
-            self.env.pop(var, None)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.notify.setblocking(False)
+        self.daemon = DaemonProcess("bench-startup", "bst-", "warning", notify=True)
+        self.socket = self.daemon.socket
 
     # the daemon process ---------------------------------------------------------------
-    def spawn(self, notify: bool) -> subprocess.Popen[bytes]:
-        env = dict(self.env)
-        if notify:
-            env["NOTIFY_SOCKET"] = self.notify_path
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sandboxd",
-                    "serve",
-                    "--socket",
-                    self.socket,
-                    "--config",
-                    str(self.config),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(PROJECT_ROOT),
-            )
-        return self.proc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def _drain_notify(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                self.notify.recv(4096)
-
     def _pings(self) -> bool:
         """True when a daemon.ping on a fresh connection answers (a blocking check)."""
         try:
@@ -168,9 +111,11 @@ class Bench:
 
     def timed_start(self) -> tuple[float, float]:
         """Spawn the daemon; seconds until READY=1 and until the first ping answer."""
-        self._drain_notify()
+        daemon = self.daemon
+        assert daemon.notify is not None
+        daemon.drain_notify()
         t0 = time.perf_counter()
-        proc = self.spawn(notify=True)
+        proc = daemon.spawn(notify=True)
         ready = ping = math.nan
         while math.isnan(ready) or math.isnan(ping):
             now = time.perf_counter()
@@ -178,26 +123,17 @@ class Bench:
                 raise RuntimeError(f"the daemon was not ready within {START_TIMEOUT:g} s")
             if proc.poll() is not None:
                 raise RuntimeError(
-                    f"the daemon exited with status {proc.returncode}; see {self.log}"
+                    f"the daemon exited with status {proc.returncode}; see {daemon.log}"
                 )
             if math.isnan(ready):
-                readable, _, _ = select.select([self.notify], [], [], 0.002)
+                readable, _, _ = select.select([daemon.notify], [], [], 0.002)
                 if readable:
-                    data = self.notify.recv(4096)
+                    data = daemon.notify.recv(4096)
                     if b"READY=1" in data.split(b"\n"):
                         ready = time.perf_counter() - t0
             if math.isnan(ping) and os.path.exists(self.socket) and self._pings():
                 ping = time.perf_counter() - t0
         return ready, ping
-
-    def wait_serving(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self._pings():
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited; see {self.log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not answer")
-            time.sleep(0.02)
 
     # sandboxes ------------------------------------------------------------------------
     async def _listed(self) -> list[dict[str, Any]]:
@@ -211,9 +147,8 @@ class Bench:
     async def fill_to(self, count: int) -> float:
         """Bring the sandboxes up to ``count`` through a daemon; the seconds it took."""
         started = time.perf_counter()
-        self.spawn(notify=False)
-        self.wait_serving()
-        rpc = await RpcClient.connect(self.socket)
+        self.daemon.spawn()
+        rpc = await self.daemon.connect(poll=0.02)
         try:
             have = len(await rpc.call("sandbox.list"))
             gate = asyncio.Semaphore(CREATE_CONCURRENCY)
@@ -228,7 +163,7 @@ class Bench:
             await asyncio.gather(*(one() for _ in range(count - have)))
         finally:
             await rpc.close()
-        self.kill()
+        self.daemon.kill()
         return time.perf_counter() - started
 
     async def measure(self, count: int) -> Result:
@@ -237,7 +172,7 @@ class Bench:
         for _ in range(self.runs):
             ready, ping = self.timed_start()
             listed = len(await self._listed())
-            self.kill()
+            self.daemon.kill()
             if listed != count:
                 raise RuntimeError(f"the daemon adopted {listed} sandboxes, expected {count}")
             result.ready.append(ready)
@@ -245,35 +180,12 @@ class Bench:
         return result
 
     # cleanup ------------------------------------------------------------------------
-    def containers(self) -> list[str]:
-        out = subprocess.run(
-            [
-                "docker",
-                "ps",
-                "-aq",
-                "--no-trunc",
-                "--filter",
-                f"label=io.sandboxd.instance={self.instance}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
-        return out.split()
-
     def cleanup(self) -> int:
-        self.kill()
-        removed = 0
-        for _ in range(3):
-            ids = self.containers()
-            if not ids:
-                break
-            for i in range(0, len(ids), 100):
-                subprocess.run(
-                    ["docker", "rm", "-f", *ids[i : i + 100]], capture_output=True, timeout=600
-                )
-            removed += len(ids)
-        self.notify.close()
+        """Kill the daemon, remove every container of this instance and the temporary
+        directory: how many containers were removed."""
+        self.daemon.kill()
+        removed = self.daemon.remove_containers()
+        self.daemon.close()
         return removed
 
 
@@ -289,8 +201,7 @@ def import_floor(runs: int) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="bst-", dir="/tmp"))  # short: socket paths
-    bench = Bench(workdir, args.runs)
+    bench = Bench(args.runs)
     results: list[Result] = []
     try:
         floor = import_floor(args.runs)
@@ -302,7 +213,6 @@ async def main_async(args: argparse.Namespace) -> int:
         return 1
     finally:
         removed = bench.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
         print(f"... removed {removed} containers", file=sys.stderr)
 
     headers = ["sandboxes", "runs", "ready p50 ms", "min", "max", "ping p50 ms", "fill s"]
@@ -355,11 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        return 130
+    return run_benchmark(main_async(parse_args(argv)))
 
 
 if __name__ == "__main__":

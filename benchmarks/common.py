@@ -5,9 +5,13 @@ The client here is deliberately independent of ``sandboxd`` and
 ``asyncio.open_unix_connection``, so a benchmark measures the daemon, not a
 client library that changes with it; ``ExecFollower`` on top of it follows
 streamed commands (``exec.output`` / ``exec.exit`` notifications). The module
-also holds the percentile maths, a small fixed-width table printer,
-per-process CPU accounting read from /proc (to tell whether the daemon or the
-benchmark's own client was the bottleneck) and the JSON report writer.
+also holds the percentile maths, a small fixed-width table printer and the
+cell formats the tables share, per-process CPU accounting read from /proc (to
+tell whether the daemon or the benchmark's own client was the bottleneck), the
+JSON report writer and the entry points' run wrapper (exit status, Ctrl-C and
+SIGTERM). It imports neither ``sandboxd`` nor ``sandboxd_client`` nor
+``aiodocker``: a private daemon is ``daemonproc``'s, the raw Docker side
+``rawdocker``'s.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import struct
 import sys
@@ -34,6 +39,12 @@ RESPONSE = 1
 NOTIFICATION = 2
 MAX_MSGID = 2**32 - 1
 READ_CHUNK = 1 << 20
+IMAGE = "sandboxd/base"  # the image of every benchmark's sandboxes and raw containers
+
+
+def log(msg: str) -> None:
+    """A progress or diagnostic line on stderr (the results go to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 class RpcError(Exception):
@@ -312,6 +323,47 @@ def ratio(ours: float, raw: float) -> float:
     return ours / raw
 
 
+@dataclass(kw_only=True)
+class Compared:
+    """The base of a benchmark's row: one operation timed through sandboxd (``ours``) and
+    through the baseline (``raw``), the sides alternating iteration by iteration."""
+
+    ours: Samples = field(default_factory=Samples)
+    raw: Samples = field(default_factory=Samples)
+
+    def ratio_at(self, pct: float) -> float:
+        """ours ÷ raw at the ``pct`` percentile: how many times slower ours is."""
+        return ratio(percentile(self.ours.values, pct), percentile(self.raw.values, pct))
+
+    def speedup_at(self, pct: float) -> float:
+        """raw ÷ ours at the ``pct`` percentile: how many times faster ours is (for a
+        transfer, its MB/s ours ÷ raw)."""
+        return ratio(percentile(self.raw.values, pct), percentile(self.ours.values, pct))
+
+    @property
+    def paired_delta(self) -> float:
+        """Median over iterations of (ours - raw): the added time, robust to drift; NaN
+        unless both sides have a sample for every iteration."""
+        if len(self.ours.values) != len(self.raw.values):
+            return math.nan
+        diffs = [a - b for a, b in zip(self.ours.values, self.raw.values, strict=True)]
+        return percentile(diffs, 50)
+
+    def p50_p95_cells(self) -> list[str]:
+        """The ``ours p50, ours p95, raw p50, raw p95`` cells, in ms."""
+        ours, raw = self.ours, self.raw
+        return [fmt_ms(ours.p50), fmt_ms(ours.p95), fmt_ms(raw.p50), fmt_ms(raw.p95)]
+
+    def ratio_cells(self) -> list[str]:
+        """The p50/p95 cells, then ``p50 ratio, p95 ratio`` (ours ÷ raw) and ``paired Δ``."""
+        return [
+            *self.p50_p95_cells(),
+            fmt_ratio(self.ratio_at(50)),
+            fmt_ratio(self.ratio_at(95)),
+            fmt_delta(self.paired_delta),
+        ]
+
+
 # output ---------------------------------------------------------------------
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain fixed-width table: first column left-aligned, the rest right-aligned."""
@@ -344,6 +396,23 @@ def fmt_ratio(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
+def fmt_delta(seconds: float) -> str:
+    """A signed difference in ms (``+1.23``, ``-0.45``); ``-`` when unknown."""
+    if math.isnan(seconds):
+        return "-"
+    return f"{'-' if seconds < 0 else '+'}{fmt_ms(abs(seconds))}"
+
+
+def fmt_met(met: bool | None) -> str:
+    """A target's ``met`` cell: yes, NO, or ``-`` when there is nothing to judge."""
+    return "-" if met is None else ("yes" if met else "NO")
+
+
+def ms_or_none(seconds: float) -> float | None:
+    """Seconds as ms rounded to the µs for a JSON report; None when unknown."""
+    return None if math.isnan(seconds) else round(seconds * 1000, 3)
+
+
 def environment() -> dict[str, Any]:
     """Facts about the machine a report was taken on."""
     return {
@@ -361,14 +430,47 @@ def write_json(path: str, report: dict[str, Any]) -> None:
         fh.write("\n")
 
 
-def run_benchmark(main: Coroutine[Any, Any, int]) -> int:
-    """Run a benchmark's main coroutine: its status, 130 on Ctrl-C, 1 with one line on error."""
+def save_report(path: str, report: dict[str, Any]) -> None:
+    """``write_json``, then say so on stdout: ``wrote FILE``."""
+    write_json(path, report)
+    print(f"wrote {path}")
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """A benchmark's ``__main__``: exit with ``main()``'s status; output cut short by a
+    closed pipe (``| head``) is not an error."""
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
+
+
+def cancel_on_sigterm() -> None:
+    """Make SIGTERM cancel the running (main) task, so that its clean-up runs."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+def run_benchmark(
+    main: Coroutine[Any, Any, int],
+    errors: tuple[type[BaseException], ...] = (),
+    on_error: Callable[[BaseException], None] | None = None,
+) -> int:
+    """Run a benchmark's main coroutine: its status; 130 on Ctrl-C, 143 when SIGTERM
+    cancelled it (``cancel_on_sigterm``); 1 on an error reply, a ``RuntimeError``, an
+    ``OSError`` or one of ``errors``, told by ``on_error`` or in one line."""
+    caught: tuple[type[BaseException], ...] = (RpcError, RuntimeError, OSError, *errors)
     try:
         status: int = asyncio.run(main)
         return status
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log("interrupted")
         return 130
-    except (RpcError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except asyncio.CancelledError:
+        log("terminated")
+        return 143
+    except caught as exc:
+        if on_error is not None:
+            on_error(exc)
+        else:
+            log(f"error: {exc}")
         return 1
