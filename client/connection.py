@@ -1,6 +1,7 @@
 """The client's connections to sandboxd: the only module of the client that does socket I/O.
 
-This module owns connecting to the daemon's Unix socket (and the one-line
+This module owns connecting to the daemon's Unix socket (tried again, within
+the connect timeout, while the daemon's listen queue is full; the one-line
 reasons a connect fails), writing frames, and reading them: an
 ``AsyncConnection`` (asyncio: a reader task per connection) and a
 ``BlockingConnection`` (no event loop, no thread: the calling threads take
@@ -25,7 +26,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Self, TypeVar
 
 from sandboxd.wire.codec import Decoder, encode_notification, encode_request
@@ -63,6 +64,27 @@ def connect_message(path: str, exc: OSError) -> str:
         return (f"Permission denied connecting to sandboxd at {path}; the caller must be "
                 "in the socket's group.")
     return f"Cannot connect to sandboxd at {path}: {exc.strerror or exc}."
+
+
+# A Unix socket's connect() fails with EAGAIN at once while the daemon's listen queue is
+# full (someone is flooding it with connections): try again, backing off, until the
+# connect timeout, as a TCP connect would wait for its SYN to be answered.
+_QUEUE_FULL_FIRST_WAIT = 0.005
+_QUEUE_FULL_MAX_WAIT = 0.1
+
+
+def _queue_full_waits(timeout: float) -> Iterator[float]:
+    """The pauses between connect attempts while the listen queue is full, ending at
+    ``timeout`` seconds from now."""
+    deadline = time.monotonic() + timeout
+    wait = _QUEUE_FULL_FIRST_WAIT
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(wait, left)
+        wait = min(wait * 2, _QUEUE_FULL_MAX_WAIT)
+
+
+def _queue_full(exc: OSError) -> bool:
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 class _Base:
@@ -160,12 +182,33 @@ class AsyncConnection(_Base):
                 return
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    reader, writer = await asyncio.open_unix_connection(path)
+                    sock = await self._open_socket(path)
+                    reader, writer = await asyncio.open_unix_connection(sock=sock)
             except OSError as exc:  # TimeoutError included
                 raise self._connect_failed(exc) from None
             self._reader, self._writer = reader, writer
             self._reader_task = asyncio.create_task(self._read_loop(),
                                                     name="sandboxd-client-reader")
+
+    async def _open_socket(self, path: str) -> socket.socket:
+        """A connected socket, retried while the daemon's listen queue is full (asyncio's
+        own connect would take that EAGAIN for a connect in progress)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            for wait in _queue_full_waits(self.connect_timeout):
+                try:
+                    sock.connect(path)
+                    return sock
+                except OSError as exc:
+                    if not _queue_full(exc):
+                        raise
+                await asyncio.sleep(wait)
+            sock.connect(path)  # the last try: its error is the one reported
+            return sock
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         """Close the connection; pending calls and channels fail. Idempotent."""
@@ -380,7 +423,16 @@ class BlockingConnection(_Base):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(self.connect_timeout)
-                sock.connect(path)
+                for wait in _queue_full_waits(self.connect_timeout):
+                    try:
+                        sock.connect(path)
+                        break
+                    except OSError as exc:
+                        if not _queue_full(exc):
+                            raise
+                    time.sleep(wait)
+                else:
+                    sock.connect(path)  # the last try: its error is the one reported
                 sock.settimeout(None)
             except OSError as exc:  # TimeoutError included
                 sock.close()

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from sandboxd_client.channels import ChannelBuffer
 from sandboxd_client.connection import AsyncConnection, BlockingConnection
-from sandboxd_client.exceptions import ChannelClosed, ChannelOverflow
+from sandboxd_client.exceptions import ChannelClosed, ChannelOverflow, ConnectFailed
 
 from sandboxd.wire.codec import (
     Decoder,
@@ -540,3 +540,102 @@ def test_unmatched_and_daemon_requests_are_handled(
     [answer] = peer.messages(1)
     assert isinstance(answer, Response)
     assert answer.msgid == 9 and answer.error[0] == "method_not_found"
+
+
+# -- connecting while the daemon's listen queue is full ---------------------------------------
+
+class FullQueue:
+    """A listener whose queue (one slot) is taken by a connection nobody accepts yet:
+    connect() fails with EAGAIN until ``free()`` accepts it."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(0)
+        self.filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.filler.connect(path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        with pytest.raises(BlockingIOError), probe:
+            probe.connect(path)  # the queue really is full
+        self.accepted: list[socket.socket] = []
+
+    def free_later(self, delay: float) -> threading.Thread:
+        """Accept every queued connection after ``delay`` (the daemon catching up)."""
+        def run() -> None:
+            time.sleep(delay)
+            self.listener.settimeout(WITHIN)
+            for _ in range(2):  # the filler, then the client
+                self.accepted.append(self.listener.accept()[0])
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        for sock in [*self.accepted, self.filler, self.listener]:
+            sock.close()
+
+
+@pytest.fixture
+def full_queue(tmp_path: Path) -> Iterator[tuple[str, FullQueue]]:
+    path = str(tmp_path / "full.sock")
+    queue = FullQueue(path)
+    yield path, queue
+    queue.close()
+
+
+def test_blocking_connect_waits_while_the_listen_queue_is_full(
+    full_queue: tuple[str, FullQueue],
+) -> None:
+    path, queue = full_queue
+    thread = queue.free_later(0.3)
+    conn = BlockingConnection(path, connect_timeout=WITHIN)
+    try:
+        conn.connect()  # EAGAIN at first: retried, not reported
+        thread.join()
+        assert conn.connected and len(queue.accepted) == 2
+        conn.notify("hello", [])
+        assert queue.accepted[1].recv(100) == encode_notification("hello", [])
+    finally:
+        conn.close()
+        thread.join()
+
+
+def test_blocking_connect_to_a_queue_that_stays_full_fails_at_its_timeout(
+    full_queue: tuple[str, FullQueue],
+) -> None:
+    path, _ = full_queue
+    conn = BlockingConnection(path, connect_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed, match="Resource temporarily unavailable"):
+        conn.connect()
+    assert 0.25 < time.monotonic() - started < 2
+
+
+async def test_async_connect_waits_while_the_listen_queue_is_full(
+    full_queue: tuple[str, FullQueue],
+) -> None:
+    path, queue = full_queue
+    thread = queue.free_later(0.3)
+    conn = AsyncConnection(path, connect_timeout=WITHIN)
+    try:
+        await conn.connect()
+        await asyncio.to_thread(thread.join)
+        assert conn.connected and len(queue.accepted) == 2
+        await conn.notify("hello", [])
+        queue.accepted[1].settimeout(WITHIN)
+        assert queue.accepted[1].recv(100) == encode_notification("hello", [])
+    finally:
+        await conn.close()
+        thread.join()
+
+
+async def test_async_connect_to_a_queue_that_stays_full_fails_at_its_timeout(
+    full_queue: tuple[str, FullQueue],
+) -> None:
+    path, _ = full_queue
+    conn = AsyncConnection(path, connect_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(ConnectFailed):
+        await conn.connect()
+    assert 0.25 < time.monotonic() - started < 2
