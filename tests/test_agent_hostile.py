@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from conftest import Daemon
-from hostile.common import MIB, RssWatch, build_static, eventually, remove_and_wait
+from conftest import Daemon, eventually
+from hostile.common import MIB, RssWatch, build_static, remove_and_wait
 from sandboxd_client import Conflict, DeadlineExceeded, SandboxClient
 from sandboxd_client.aio import Sandbox
 

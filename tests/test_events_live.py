@@ -332,7 +332,8 @@ async def _flood(d: Daemon, c: SandboxClient, sid: str, n: int) -> None:
 async def test_sandboxctl_events_follows_until_ctrl_c(
     daemon: Daemon, client: SandboxClient, make_sandbox: MakeSandbox
 ) -> None:
-    env = {**os.environ, "SANDBOXD_SOCKET": daemon.socket}
+    # faulthandler: a follower that does not exit is made to print its threads' stacks.
+    env = {**os.environ, "SANDBOXD_SOCKET": daemon.socket, "PYTHONFAULTHANDLER": "1"}
     start = (await client.call("events.subscribe"))["last_seq"]
     procs = {
         fmt: subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread
@@ -351,10 +352,17 @@ async def test_sandboxctl_events_follows_until_ctrl_c(
     finally:
         for p in procs.values():
             p.send_signal(signal.SIGINT)
-    for p in procs.values():
-        _, err = p.communicate(timeout=20)
-        assert p.returncode == 0, err
-        assert "Traceback" not in err
+        errs, hung = {}, {}
+        for fmt, p in procs.items():
+            try:
+                errs[fmt] = p.communicate(timeout=30)[1]
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGABRT)  # its stacks go to stderr
+                hung[fmt] = p.communicate()[1]
+        assert not hung, f"sandboxctl events did not exit on Ctrl-C: {hung}"
+    for fmt, p in procs.items():
+        assert p.returncode == 0, errs[fmt]
+        assert "Traceback" not in errs[fmt]
     parsed = [json.loads(line) for line in lines["json"]]
     assert [e["type"] for e in parsed if e["sandbox_id"] == sb.id] == [
         "sandbox.created", "sandbox.extended", "sandbox.removed"]

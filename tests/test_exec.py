@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
-from conftest import Daemon, MakeSandbox
+from conftest import Daemon, MakeSandbox, eventually
 from sandboxd_client import (
     Conflict,
     ConnectionLost,
@@ -28,18 +28,6 @@ from sandboxd_client.aio import Sandbox
 
 ALL_BYTES = bytes(range(256))
 
-
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "condition"
-) -> None:
-    """Poll ``probe`` until it returns True; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        if await probe():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not hold within {within:g} s")
-        await asyncio.sleep(0.05)
 
 
 async def process_list(sb: Sandbox) -> str:

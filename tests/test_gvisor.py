@@ -42,11 +42,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from conftest import Daemon
+from conftest import Daemon, eventually
 from hostile.common import (
     MIB,
     build_static,
-    eventually,
     matching,
     processes,
     remove_and_wait,

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,19 +46,6 @@ def build_static(source: str, out_dir: Path) -> Path:
     out.chmod(0o755)
     return out
 
-
-async def eventually(
-    probe: Callable[[], Awaitable[bool]], within: float = 10.0, what: str = "condition",
-    every: float = 0.05,
-) -> None:
-    """Poll ``probe`` until it returns True; fail the test after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        if await probe():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not hold within {within:g} s")
-        await asyncio.sleep(every)
 
 
 async def processes(sb: Sandbox) -> list[tuple[int, int, str]]:
