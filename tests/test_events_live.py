@@ -339,7 +339,10 @@ async def test_sandboxctl_events_follows_until_ctrl_c(
         fmt: subprocess.Popen(  # noqa: ASYNC220 - started once, read from a thread
             [sys.executable, "-m", "sandboxd_client.cli", "events", "--type", "sandbox.*",
              "--since", str(start), *(["--json"] if fmt == "json" else [])],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+            # As in a terminal: a test run started in the background (``cmd &`` in a
+            # script) inherits SIGINT ignored, and Python then keeps it ignored.
+            preexec_fn=_sigint_default)
         for fmt in ("json", "text")
     }
     try:
@@ -372,6 +375,10 @@ async def test_sandboxctl_events_follows_until_ctrl_c(
     seq, when, kind, who, *rest = text[1].split(" ")
     assert int(seq) > start and TIME_RE.match(when) and kind == "sandbox.extended"
     assert who.startswith(sb.id) and "ttl=90" in rest
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _read_until(proc: subprocess.Popen[str], sid: str, kind: str) -> list[str]:
