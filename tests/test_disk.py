@@ -106,6 +106,33 @@ async def test_many_files_past_the_limit_freeze_the_sandbox(spawn_daemon: SpawnD
                 await c.remove(s.id)
 
 
+async def test_a_steady_writer_is_frozen_close_to_its_limit(spawn_daemon: SpawnDaemon) -> None:
+    """A sandbox writing some tens of MB/s is looked at sooner as it nears its limit, so
+    it is frozen a few MiB past it, not a whole ``check_interval`` of writing past it
+    (5 s here: it reaches its limit in about two)."""
+    d = spawn_daemon(config="[disk]\ncheck_interval = 5\n")
+    async with SandboxClient(d.socket) as c:
+        sb = await c.create(ttl=120, disk="64m")
+        try:
+            async with c.events(types=["sandbox.paused"], sandbox=sb.id) as events:
+                await events.start()
+                writer = asyncio.create_task(sb.exec(
+                    ["sh", "-c", "i=0; while true; do i=$((i+1)); "
+                     "head -c 1048576 /dev/zero > /tmp/f$i || exit 1; sleep 0.02; done"],
+                    timeout=120))
+                ev = await anext(events)
+                assert ev.data["cause"] == "disk_limit"
+                overshoot = ev.data["used_bytes"] - 64 * MIB
+                print(f"steady writer: frozen {overshoot / MIB:.1f} MiB past the limit")
+                assert 0 < overshoot < 16 * MIB, ev.data
+                await c.remove(sb.id)
+                with contextlib.suppress(Conflict):  # ended with its sandbox, either way
+                    await writer
+        finally:
+            for s in await c.list():
+                await c.remove(s.id)
+
+
 async def test_below_the_host_floor_creates_are_refused_and_writers_frozen(
     spawn_daemon: SpawnDaemon,
 ) -> None:

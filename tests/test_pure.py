@@ -38,6 +38,7 @@ from sandboxd.rpc.params import (
     string_map,
     validate,
 )
+from sandboxd.services.diskguard import ASSUMED_RATE, COST_SHARE, MIN_INTERVAL, next_look
 from sandboxd.services.health import EngineInfo
 from sandboxd.services.scheduler import DeadlineScheduler
 from sandboxd.wire.errors import (
@@ -850,3 +851,30 @@ async def test_engine_info_is_shared_kept_and_follows_the_event_stream() -> None
     assert backend.calls == 2  # "unreachable" is kept too, while the stream agrees
     backend.up, following[0] = True, True  # and come back
     assert (await info())["reachable"] is True and backend.calls == 3
+
+
+# -- when the disk guard looks at a sandbox again -------------------------------------------
+
+MB = 1024 * 1024
+
+
+def test_next_look_is_the_interval_far_from_the_limit_or_without_one() -> None:
+    assert next_look(1.0, 0.0, 10 * MB, 0, 1.0, None) == 1.0
+    assert next_look(1.0, 0.0, 10 * MB, 5 * MB, 1.0, 10_000 * MB) == 1.0
+    assert next_look(1.0, 0.0, 100 * MB, 0, 1.0, 64 * MB) == 1.0  # over it: not racing
+
+
+def test_next_look_comes_sooner_near_the_limit() -> None:
+    # Idle, 32 MiB of headroom: half the time ASSUMED_RATE would take to fill it.
+    idle = next_look(1.0, 0.0, 32 * MB, 0, 1.0, 64 * MB)
+    assert idle == pytest.approx((33 * MB / ASSUMED_RATE) / 2)
+    # Growing faster than ASSUMED_RATE: its own rate counts.
+    fast = next_look(1.0, 0.0, 32 * MB, 256 * MB, 1.0, 64 * MB)
+    assert fast == pytest.approx((33 * MB / (256 * MB)) / 2) and fast < idle
+    # At the limit: the minimum, never zero.
+    assert next_look(1.0, 0.0, 65 * MB, 256 * MB, 1.0, 64 * MB) == MIN_INTERVAL
+    assert next_look(0.01, 0.0, 65 * MB, 256 * MB, 1.0, 64 * MB) == 0.01
+
+
+def test_next_look_never_spends_more_than_its_share_measuring() -> None:
+    assert next_look(1.0, 0.5, 65 * MB, 256 * MB, 1.0, 64 * MB) == COST_SHARE * 0.5

@@ -67,7 +67,7 @@ class DiskSettings:
     """``[disk]``: how sandbox disk use is held and the host's free space guarded."""
 
     enforcement: str = "auto"  # auto (the strongest the engine has), quota, measured
-    check_interval: float = 2.0  # seconds between two measurements of a sandbox
+    check_interval: float = 1.0  # the longest between two measurements of a sandbox
     floor: int = 2048 * MIB  # below this free on the engine's data root: refuse, freeze
 
 

@@ -10,13 +10,17 @@ creates are refused and every sandbox that wrote since the last look is
 frozen (``daemon.disk_low``, ``sandbox.paused {cause: "host_disk_low"}``);
 those are resumed when the space is back (``daemon.disk_ok``). Measuring
 costs a walk of the sandbox's writable layer, so a sandbox with many files
-is measured less often (never more than ``COST_SHARE`` of the time). It must
-not remove anything.
+is measured less often (never more than ``COST_SHARE`` of the time); a sandbox
+near its limit is measured sooner, by when it would reach it at its last rate
+or at ``ASSUMED_RATE`` (``next_look``), so a writer up to that rate, or a
+steady faster one, is frozen close to its limit rather than a whole
+``check_interval`` of writing past it. It must not remove anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -35,10 +39,32 @@ log = structlog.get_logger("sandboxd.disk")
 
 COST_SHARE = 20  # a measurement that took t seconds waits at least 20 t before the next
 RECOVERED = 1.1  # free space back above floor x this ends the low-space state
+MIN_INTERVAL = 0.02  # the soonest a sandbox racing towards its limit is looked at again
+ASSUMED_RATE = 64 * 1024 * 1024  # bytes/s any sandbox might write from one look to the next
 SLACK = 1024 * 1024  # over the limit by less: the engine's own files (hostname, hosts) and
 # directory blocks, which a file stopped at the limit by RLIMIT_FSIZE does not include
 LIMIT = "disk_limit"
 HOST_LOW = "host_disk_low"
+
+
+def next_look(
+    interval: float, cost: float, used: int, grew_by: int, elapsed: float, limit: int | None
+) -> float:
+    """Seconds until a sandbox is measured again.
+
+    ``check_interval`` at most, but sooner as it nears its limit: at half the
+    time it takes to reach the limit at its last rate (``grew_by`` bytes in
+    ``elapsed`` seconds), or at ``ASSUMED_RATE`` when that is faster (a sandbox
+    may start writing at any moment); never sooner than ``MIN_INTERVAL`` (or the
+    interval, if that is shorter), and never more often than ``COST_SHARE``
+    times what one measurement costs.
+    """
+    delay = interval
+    if limit and used <= limit + SLACK:
+        rate = grew_by / elapsed if grew_by > 0 and elapsed > 0 else 0.0
+        to_limit = (limit + SLACK - used) / max(rate, ASSUMED_RATE)
+        delay = max(min(interval, MIN_INTERVAL), min(interval, to_limit / 2))
+    return max(delay, COST_SHARE * cost)
 
 
 class DiskGuard:
@@ -52,11 +78,17 @@ class DiskGuard:
         self.enforcement: str | None = None
         self.low = False
         self.free: tuple[int, int] | None = None
-        self._used: dict[str, int] = {}  # sandbox id -> bytes at the last look
+        self._used: dict[str, tuple[int, float]] = {}  # sandbox id -> (bytes, when) last look
         self._next: dict[str, float] = {}  # sandbox id -> when to look again
         self._frozen_for_host: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # a sandbox started running: look at it soon
         sandboxes.admission.append(self.check_create)
+        self.registry.on_status.append(self._status_changed)
+
+    def _status_changed(self, record: SandboxRecord) -> None:
+        if record.status == status.RUNNING and record.id not in self._used:
+            self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="disk-guard")
@@ -94,7 +126,21 @@ class DiskGuard:
                 log.warning("disk_check_failed", error=exc.message)
             except Exception:
                 log.exception("disk_check_failed")
-            await asyncio.sleep(self.settings.check_interval)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._until_due())
+            if self._wake.is_set():  # a new sandbox: give it a moment to start writing
+                await asyncio.sleep(min(self.settings.check_interval, MIN_INTERVAL))
+
+    def _until_due(self) -> float:
+        """Seconds until the next look: the interval, or sooner when a sandbox is due or
+        has never been looked at (a new sandbox may start writing at once)."""
+        interval = self.settings.check_interval
+        soonest = min(interval, MIN_INTERVAL)
+        if not self._next:
+            return interval
+        due = min(self._next.values()) - time.monotonic()
+        return max(soonest, min(interval, due))
 
     async def check(self) -> None:
         """One look: the host's free space, then every running sandbox that is due."""
@@ -143,12 +189,18 @@ class DiskGuard:
             used = await self.backend.disk_usage(record.container_id or "")
         except SandboxdError:
             return  # gone or the engine is away: the next look will tell
-        cost = time.monotonic() - started
-        self._next[record.id] = time.monotonic() + max(
-            self.settings.check_interval, COST_SHARE * cost
+        now = time.monotonic()
+        last = self._used.get(record.id)
+        self._used[record.id] = (used, now)
+        before = None if last is None else last[0]
+        limit = record.disk if self.enforcement == "measured" else None
+        if last is None:  # the first look: its growth since it was created
+            grew_by, elapsed = used, max(0.01, time.time() - record.created_at)
+        else:
+            grew_by, elapsed = used - last[0], now - last[1]
+        self._next[record.id] = now + next_look(
+            self.settings.check_interval, now - started, used, grew_by, elapsed, limit
         )
-        before = self._used.get(record.id)
-        self._used[record.id] = used
         grew = before is None or used > before
         if not grew:
             return
