@@ -154,25 +154,33 @@ class Connection(asyncio.Protocol):
         """
         replies: list[bytes] = []  # replies of inline calls: one write for the whole read
         decoder = self.decoder
+        # What _must_wait looks at changes only when a call starts a task or a write makes
+        # the transport pause us: it is asked again then, not for every inline call.
         while not self._must_wait():
-            item = decoder.next()
-            if item is None:
-                break
-            if type(item) is Request:
-                reply = self._handle(item)
-                if reply is not None:
+            while True:
+                item = decoder.next()
+                if item is None:
+                    break
+                if type(item) is Request:
+                    reply = self._handle(item)
+                    if reply is None:
+                        break  # a task started: in flight grew
                     replies.append(reply)
                     if len(replies) == REPLY_BATCH:  # let the client start on these
                         self.write(b"".join(replies))
                         replies = []
-            elif isinstance(item, Notification):
-                self.log.info("notification_ignored", method=item.method)
-            elif isinstance(item, BadMessage):
-                if replies:
-                    self.write(b"".join(replies))
-                    replies = []
-                self._bad(item)
-            # A Response matches no request of ours: ignored (SPEC §2).
+                        break  # the write may have paused us
+                elif isinstance(item, Notification):
+                    self.log.info("notification_ignored", method=item.method)
+                elif isinstance(item, BadMessage):
+                    if replies:
+                        self.write(b"".join(replies))
+                        replies = []
+                    self._bad(item)
+                    break
+                # A Response matches no request of ours: ignored (SPEC §2).
+            if item is None:
+                break
         if replies:
             self.write(replies[0] if len(replies) == 1 else b"".join(replies))
         self._account_input()
