@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from conftest import Daemon, MakeSandbox, docker_inspect
 from sandboxd_client import Conflict, QuotaExceeded, SandboxClient
+from sandboxd_client.aio import Sandbox
 
 SpawnDaemon = Callable[..., Daemon]
 MIB = 1024 * 1024
@@ -76,34 +78,46 @@ async def test_the_hostname_flood_stops_at_the_limit(spawn_daemon: SpawnDaemon) 
             await rooted.remove()
 
 
-async def test_many_files_past_the_limit_freeze_the_sandbox(spawn_daemon: SpawnDaemon) -> None:
-    """One file is stopped by RLIMIT_FSIZE; many are caught by measurement: the sandbox is
-    frozen with an event, can be resumed to clean up, and is frozen again if it grows."""
-    d = spawn_daemon(config="[disk]\ncheck_interval = 0.25\n")
+@contextlib.asynccontextmanager
+async def frozen_writer(
+    d: Daemon, loop_body: str
+) -> AsyncIterator[tuple[SandboxClient, Sandbox, dict[str, Any], int]]:
+    """A 64 MiB sandbox running ``while true; do <loop_body>; done`` until the disk guard
+    freezes it: (client, sandbox, the ``sandbox.paused`` data, bytes past the limit).
+    The sandbox is removed afterwards, and the writer with it."""
     async with SandboxClient(d.socket) as c:
         sb = await c.create(ttl=120, disk="64m")
+        writer: asyncio.Task[Any] | None = None
         try:
             async with c.events(types=["sandbox.paused"], sandbox=sb.id) as events:
                 await events.start()
                 writer = asyncio.create_task(sb.exec(
-                    ["sh", "-c", "i=0; while true; do i=$((i+1)); "
-                     "head -c 16777216 /dev/zero > /tmp/f$i || exit 1; done"], timeout=120))
+                    ["sh", "-c", f"i=0; while true; do i=$((i+1)); {loop_body}; done"],
+                    timeout=120))
                 ev = await anext(events)
-                assert ev.data["cause"] == "disk_limit"
-                assert ev.data["limit_bytes"] == 64 * MIB
-                overshoot = ev.data["used_bytes"] - 64 * MIB
-                print(f"disk overshoot when frozen: {overshoot / MIB:.1f} MiB")
-                assert 0 < overshoot < 1024 * MIB, ev.data
-                assert (await c.get(sb.id)).status == "paused"
-                used_when_frozen = written(sb.container_id or "")
-                await asyncio.sleep(0.5)
-                assert written(sb.container_id or "") == used_when_frozen  # it is frozen
-                await c.remove(sb.id)
-                with contextlib.suppress(Conflict):  # ended with its sandbox, either way
-                    await writer
+            assert ev.data["cause"] == "disk_limit"
+            assert ev.data["limit_bytes"] == 64 * MIB
+            yield c, sb, ev.data, ev.data["used_bytes"] - 64 * MIB
         finally:
             for s in await c.list():
                 await c.remove(s.id)
+            if writer is not None:
+                with contextlib.suppress(Conflict):  # ended with its sandbox, either way
+                    await writer
+
+
+async def test_many_files_past_the_limit_freeze_the_sandbox(spawn_daemon: SpawnDaemon) -> None:
+    """One file is stopped by RLIMIT_FSIZE; many are caught by measurement: the sandbox is
+    frozen with an event and stays frozen."""
+    d = spawn_daemon(config="[disk]\ncheck_interval = 0.25\n")
+    body = "head -c 16777216 /dev/zero > /tmp/f$i || exit 1"
+    async with frozen_writer(d, body) as (c, sb, data, overshoot):
+        print(f"disk overshoot when frozen: {overshoot / MIB:.1f} MiB")
+        assert 0 < overshoot < 1024 * MIB, data
+        assert (await c.get(sb.id)).status == "paused"
+        used_when_frozen = written(sb.container_id or "")
+        await asyncio.sleep(0.5)
+        assert written(sb.container_id or "") == used_when_frozen  # it is frozen
 
 
 async def test_a_steady_writer_is_frozen_close_to_its_limit(spawn_daemon: SpawnDaemon) -> None:
@@ -111,26 +125,10 @@ async def test_a_steady_writer_is_frozen_close_to_its_limit(spawn_daemon: SpawnD
     it is frozen a few MiB past it, not a whole ``check_interval`` of writing past it
     (5 s here: it reaches its limit in about two)."""
     d = spawn_daemon(config="[disk]\ncheck_interval = 5\n")
-    async with SandboxClient(d.socket) as c:
-        sb = await c.create(ttl=120, disk="64m")
-        try:
-            async with c.events(types=["sandbox.paused"], sandbox=sb.id) as events:
-                await events.start()
-                writer = asyncio.create_task(sb.exec(
-                    ["sh", "-c", "i=0; while true; do i=$((i+1)); "
-                     "head -c 1048576 /dev/zero > /tmp/f$i || exit 1; sleep 0.02; done"],
-                    timeout=120))
-                ev = await anext(events)
-                assert ev.data["cause"] == "disk_limit"
-                overshoot = ev.data["used_bytes"] - 64 * MIB
-                print(f"steady writer: frozen {overshoot / MIB:.1f} MiB past the limit")
-                assert 0 < overshoot < 16 * MIB, ev.data
-                await c.remove(sb.id)
-                with contextlib.suppress(Conflict):  # ended with its sandbox, either way
-                    await writer
-        finally:
-            for s in await c.list():
-                await c.remove(s.id)
+    body = "head -c 1048576 /dev/zero > /tmp/f$i || exit 1; sleep 0.02"
+    async with frozen_writer(d, body) as (_, _, data, overshoot):
+        print(f"steady writer: frozen {overshoot / MIB:.1f} MiB past the limit")
+        assert 0 < overshoot < 16 * MIB, data
 
 
 async def test_below_the_host_floor_creates_are_refused_and_writers_frozen(
