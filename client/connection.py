@@ -83,8 +83,19 @@ def _queue_full_waits(timeout: float) -> Iterator[float]:
         wait = min(wait * 2, _QUEUE_FULL_MAX_WAIT)
 
 
-def _queue_full(exc: OSError) -> bool:
-    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+def _connect_tries(sock: socket.socket, path: str, timeout: float) -> Iterator[float]:
+    """Connect ``sock`` to ``path``; while the listen queue is full, yield how long to
+    pause before the next try (the caller sleeps its own way), until ``timeout``. The
+    last try's error is the one raised."""
+    for wait in _queue_full_waits(timeout):
+        try:
+            sock.connect(path)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+        yield wait
+    sock.connect(path)
 
 
 class _Base:
@@ -196,15 +207,8 @@ class AsyncConnection(_Base):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            for wait in _queue_full_waits(self.connect_timeout):
-                try:
-                    sock.connect(path)
-                    return sock
-                except OSError as exc:
-                    if not _queue_full(exc):
-                        raise
+            for wait in _connect_tries(sock, path, self.connect_timeout):
                 await asyncio.sleep(wait)
-            sock.connect(path)  # the last try: its error is the one reported
             return sock
         except BaseException:
             sock.close()
@@ -423,16 +427,8 @@ class BlockingConnection(_Base):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(self.connect_timeout)
-                for wait in _queue_full_waits(self.connect_timeout):
-                    try:
-                        sock.connect(path)
-                        break
-                    except OSError as exc:
-                        if not _queue_full(exc):
-                            raise
+                for wait in _connect_tries(sock, path, self.connect_timeout):
                     time.sleep(wait)
-                else:
-                    sock.connect(path)  # the last try: its error is the one reported
                 sock.settimeout(None)
             except OSError as exc:  # TimeoutError included
                 sock.close()
