@@ -47,6 +47,11 @@ LIMIT = "disk_limit"
 HOST_LOW = "host_disk_low"
 
 
+def soonest(interval: float) -> float:
+    """The shortest pause between looks: ``MIN_INTERVAL``, or the interval if shorter."""
+    return min(interval, MIN_INTERVAL)
+
+
 def next_look(
     interval: float, cost: float, used: int, grew_by: int, elapsed: float, limit: int | None
 ) -> float:
@@ -63,7 +68,7 @@ def next_look(
     if limit and used <= limit + SLACK:
         rate = grew_by / elapsed if grew_by > 0 and elapsed > 0 else 0.0
         to_limit = (limit + SLACK - used) / max(rate, ASSUMED_RATE)
-        delay = max(min(interval, MIN_INTERVAL), min(interval, to_limit / 2))
+        delay = max(soonest(interval), min(interval, to_limit / 2))
     return max(delay, COST_SHARE * cost)
 
 
@@ -130,17 +135,16 @@ class DiskGuard:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._until_due())
             if self._wake.is_set():  # a new sandbox: give it a moment to start writing
-                await asyncio.sleep(min(self.settings.check_interval, MIN_INTERVAL))
+                await asyncio.sleep(soonest(self.settings.check_interval))
 
     def _until_due(self) -> float:
-        """Seconds until the next look: the interval, or sooner when a sandbox is due or
-        has never been looked at (a new sandbox may start writing at once)."""
+        """Seconds until the next look: the interval, or sooner when a sandbox is due (a
+        new one wakes the loop through ``_wake``)."""
         interval = self.settings.check_interval
-        soonest = min(interval, MIN_INTERVAL)
         if not self._next:
             return interval
         due = min(self._next.values()) - time.monotonic()
-        return max(soonest, min(interval, due))
+        return max(soonest(interval), min(interval, due))
 
     async def check(self) -> None:
         """One look: the host's free space, then every running sandbox that is due."""
@@ -192,7 +196,6 @@ class DiskGuard:
         now = time.monotonic()
         last = self._used.get(record.id)
         self._used[record.id] = (used, now)
-        before = None if last is None else last[0]
         limit = record.disk if self.enforcement == "measured" else None
         if last is None:  # the first look: its growth since it was created
             grew_by, elapsed = used, max(0.01, time.time() - record.created_at)
@@ -201,13 +204,12 @@ class DiskGuard:
         self._next[record.id] = now + next_look(
             self.settings.check_interval, now - started, used, grew_by, elapsed, limit
         )
-        grew = before is None or used > before
-        if not grew:
-            return
+        if last is not None and used <= last[0]:
+            return  # not growing
         if self.enforcement == "measured" and record.disk and used > record.disk + SLACK:
             await self._freeze(record, {"cause": LIMIT, "used_bytes": used,
                                         "limit_bytes": record.disk})
-        elif self.low and before is not None:
+        elif self.low and last is not None:
             self._frozen_for_host.add(record.id)
             await self._freeze(record, {"cause": HOST_LOW, "used_bytes": used})
 
