@@ -280,16 +280,24 @@ def run_as(uid: int, fn: Callable[..., Any], *args: Any) -> Any:
     return value
 
 
-@pytest.fixture(scope="session")
-def daemon(engine: None) -> Iterator[Daemon]:
-    """The session's shared daemon."""
-    workdir = Path(tempfile.mkdtemp(prefix="sandboxd-test-"))
-    d = Daemon(workdir).start()
+@contextlib.contextmanager
+def started_daemon(config: str = "", prefix: str = "sbd-") -> Iterator[Daemon]:
+    """A daemon in a fresh directory under /tmp (short enough for its socket's path),
+    stopped and its directory removed afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d = Daemon(workdir, config).start()
     try:
         yield d
     finally:
         d.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon(engine: None) -> Iterator[Daemon]:
+    """The session's shared daemon."""
+    with started_daemon(prefix="sandboxd-test-") as d:
+        yield d
 
 
 @pytest.fixture

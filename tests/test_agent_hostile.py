@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from conftest import Daemon, eventually
+from conftest import Daemon, eventually, started_daemon
 from hostile.common import MIB, RssWatch, build_static, remove_and_wait
 from sandboxd_client import Conflict, DeadlineExceeded, SandboxClient
 from sandboxd_client.aio import Sandbox
@@ -46,13 +44,8 @@ def fake_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fake_daemon(engine: None, fake_agent: Path) -> Iterator[Daemon]:
     """A daemon whose sandboxes all run the fake agent as PID 1."""
-    workdir = Path(tempfile.mkdtemp(prefix="sbd-", dir="/tmp"))
-    d = Daemon(workdir, config=f'agent_path = "{fake_agent}"\n').start()
-    try:
+    with started_daemon(f'agent_path = "{fake_agent}"\n') as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest_asyncio.fixture

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import Daemon, raw_call
+from conftest import Daemon, raw_call, started_daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,18 +82,9 @@ def mutate(frame: bytes, rng: random.Random) -> bytes:
 
 @pytest.fixture(scope="module")
 def fuzz_daemon(engine: None) -> Iterator[Daemon]:
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    workdir = Path(tempfile.mkdtemp(prefix="sbd-fz-", dir="/tmp"))
-    d = Daemon(workdir, '[policy]\nimages = []\n[limits]\nframe_timeout = 1\n')
-    d.start()
-    try:
+    with started_daemon('[policy]\nimages = []\n[limits]\nframe_timeout = 1\n',
+                        prefix="sbd-fz-") as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True,
